@@ -1,1 +1,4 @@
-//! Default-model fetch (placeholder, being written).
+//! TEMPORARY stub; replaced by the real module.
+pub fn ensure_default_model() -> anyhow::Result<std::path::PathBuf> {
+    anyhow::bail!("stub")
+}

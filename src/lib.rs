@@ -4,4 +4,6 @@
 //! for the map and for the path of one request through them.
 
 pub mod fetch;
+pub mod lora;
+pub mod model;
 pub mod tokenize;

@@ -1,0 +1,116 @@
+//! The delta math: a weighted stack of adapters applied unmerged to rows, or merged into the base.
+//!
+//! A stack `Σ_i w_i s_i B_i A_i` is stored concatenated along the rank — `A = [A_1; A_2; ...]`,
+//! `B = [w_1 s_1 B_1 | w_2 s_2 B_2 | ...]` — so applying any stack to a group of rows costs two
+//! small matmuls per module (`(x A^T) B^T`), however many adapters it holds (PEFT's "cat").
+
+use super::adapter::LoraAdapter;
+use crate::model::{Llama, Proj};
+use anyhow::{bail, Result};
+use candle_core::Tensor;
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+/// The concatenated low-rank pair of one module for one stack.
+#[derive(Clone, Debug)]
+pub struct LoraPair {
+    /// `[R, in]`, R = sum of member ranks.
+    pub a: Tensor,
+    /// `[out, R]`, each member's columns pre-multiplied by `weight * scaling`.
+    pub b: Tensor,
+}
+
+impl LoraPair {
+    /// `x (B A)^T` for rows `x: [n, in]`, computed as `(x A^T) B^T` without forming `B A`.
+    pub fn delta(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        x.matmul(&self.a.t()?)?.matmul(&self.b.t()?)
+    }
+
+    /// The dense `[out, in]` weight delta (for merging).
+    pub fn dense(&self) -> candle_core::Result<Tensor> {
+        self.b.matmul(&self.a)
+    }
+}
+
+/// An active adapter set (one adapter, or a weighted stack), ready for the forward pass.
+#[derive(Debug)]
+pub struct LoraStack {
+    /// `(adapter, weight)` in the order given.
+    pub members: Vec<(Arc<LoraAdapter>, f64)>,
+    /// Indexed `[layer][proj.index()]`.
+    layers: Vec<[Option<LoraPair>; 7]>,
+}
+
+impl LoraStack {
+    /// Builds the stack for a base of `num_layers` layers. Weights must be finite.
+    pub fn new(members: Vec<(Arc<LoraAdapter>, f64)>, num_layers: usize) -> Result<Self> {
+        if members.is_empty() {
+            bail!("an adapter stack needs at least one adapter");
+        }
+        let mut parts: BTreeMap<(usize, Proj), (Vec<Tensor>, Vec<Tensor>)> = BTreeMap::new();
+        for (adapter, weight) in &members {
+            if !weight.is_finite() {
+                bail!(
+                    "adapter `{}`: weight {weight} is not a finite number",
+                    adapter.name
+                );
+            }
+            for (&(layer, proj), m) in &adapter.modules {
+                if layer >= num_layers {
+                    bail!(
+                        "adapter `{}` has layer {layer}; the base has {num_layers}",
+                        adapter.name
+                    );
+                }
+                let entry = parts.entry((layer, proj)).or_default();
+                entry.0.push(m.a.clone());
+                entry.1.push((&m.b * (weight * m.scaling))?);
+            }
+        }
+        let mut layers: Vec<[Option<LoraPair>; 7]> =
+            (0..num_layers).map(|_| Default::default()).collect();
+        for ((layer, proj), (a, b)) in parts {
+            layers[layer][proj.index()] = Some(LoraPair {
+                a: Tensor::cat(&a, 0)?.contiguous()?,
+                b: Tensor::cat(&b, 1)?.contiguous()?,
+            });
+        }
+        Ok(Self { members, layers })
+    }
+
+    /// A stack of one adapter at weight 1.
+    pub fn single(adapter: Arc<LoraAdapter>, num_layers: usize) -> Result<Self> {
+        Self::new(vec![(adapter, 1.0)], num_layers)
+    }
+
+    pub fn pair(&self, layer: usize, proj: Proj) -> Option<&LoraPair> {
+        self.layers.get(layer)?[proj.index()].as_ref()
+    }
+
+    /// A readable label such as `legal` or `legal*0.7+chatbot*0.5`.
+    pub fn label(&self) -> String {
+        self.members
+            .iter()
+            .map(|(a, w)| {
+                if *w == 1.0 {
+                    a.name.clone()
+                } else {
+                    format!("{}*{w}", a.name)
+                }
+            })
+            .collect::<Vec<_>>()
+            .join("+")
+    }
+
+    /// Merges the stack into the base: `W' = W + Σ_i w_i s_i B_i A_i` for every targeted module.
+    pub fn merge_into(&self, model: &mut Llama) -> Result<()> {
+        for (layer, projs) in self.layers.iter().enumerate() {
+            for p in Proj::ALL {
+                if let Some(pair) = &projs[p.index()] {
+                    model.add_to_weight(layer, p, &pair.dense()?)?;
+                }
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,110 @@
+//! Per-sequence key/value cache: one growable buffer per layer, so each sequence in a batch keeps
+//! its own history and its own position.
+
+use candle_core::{DType, Device, Result, Tensor};
+
+/// Keys and values of one layer: `[kv_heads, capacity, head_dim]` buffers, filled up to `len`.
+#[derive(Debug, Default)]
+struct LayerKv {
+    k: Option<Tensor>,
+    v: Option<Tensor>,
+}
+
+/// The cache of one sequence. Its length is the position of the next token.
+#[derive(Debug)]
+pub struct KvCache {
+    layers: Vec<LayerKv>,
+    len: usize,
+    /// Length that layer writes have reached during the current forward (committed at the end).
+    pending: usize,
+    max_len: usize,
+}
+
+impl KvCache {
+    /// An empty cache for a model with `num_layers` layers and a context of `max_len` positions.
+    pub fn new(num_layers: usize, max_len: usize) -> Self {
+        Self {
+            layers: (0..num_layers).map(|_| LayerKv::default()).collect(),
+            len: 0,
+            pending: 0,
+            max_len,
+        }
+    }
+
+    /// Tokens already in the cache (= the position of the next token).
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The most positions this cache may hold.
+    pub fn max_len(&self) -> usize {
+        self.max_len
+    }
+
+    /// Bytes held by the buffers (capacity, not just the filled part).
+    pub fn bytes(&self) -> usize {
+        self.layers
+            .iter()
+            .flat_map(|l| [&l.k, &l.v])
+            .flatten()
+            .map(|t| t.elem_count() * t.dtype().size_in_bytes())
+            .sum()
+    }
+
+    /// Drops everything after the first `len` positions (e.g. to reuse a shared prompt prefix).
+    pub fn truncate(&mut self, len: usize) {
+        self.len = self.len.min(len);
+        self.pending = self.len;
+    }
+
+    /// Appends `k`, `v` (`[kv_heads, new, head_dim]`) for `layer` and returns the whole history
+    /// (`[kv_heads, len + new, head_dim]`).
+    pub fn append(&mut self, layer: usize, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
+        let (heads, new, dim) = k.dims3()?;
+        let start = self.len;
+        let end = start + new;
+        if end > self.max_len {
+            candle_core::bail!(
+                "sequence of {end} positions exceeds the context length {}",
+                self.max_len
+            );
+        }
+        let Some(slot) = self.layers.get_mut(layer) else {
+            candle_core::bail!("kv cache has no layer {layer}");
+        };
+        let grow = |buf: &Option<Tensor>, device: &Device, dtype: DType| -> Result<Tensor> {
+            let cap = buf.as_ref().map(|b| b.dims()[1]).unwrap_or(0);
+            match buf {
+                Some(b) if cap >= end => Ok(b.clone()),
+                _ => {
+                    let new_cap = (cap * 2).max(end).max(32).min(self.max_len.max(end));
+                    let fresh = Tensor::zeros((heads, new_cap, dim), dtype, device)?;
+                    if let Some(b) = buf {
+                        if start > 0 {
+                            fresh.slice_set(&b.narrow(1, 0, start)?.contiguous()?, 1, 0)?;
+                        }
+                    }
+                    Ok(fresh)
+                }
+            }
+        };
+        let kb = grow(&slot.k, k.device(), k.dtype())?;
+        let vb = grow(&slot.v, v.device(), v.dtype())?;
+        kb.slice_set(&k.contiguous()?, 1, start)?;
+        vb.slice_set(&v.contiguous()?, 1, start)?;
+        let out = (kb.narrow(1, 0, end)?, vb.narrow(1, 0, end)?);
+        slot.k = Some(kb);
+        slot.v = Some(vb);
+        self.pending = end;
+        Ok(out)
+    }
+
+    /// Makes the positions written by the last forward part of the history.
+    pub fn commit(&mut self) {
+        self.len = self.pending;
+    }
+}

@@ -1,0 +1,404 @@
+//! The Llama-family decoder and its batched forward pass.
+//!
+//! One call runs a batch of sequences, each with its own new tokens, KV cache (and so its own
+//! positions) and its own LoRA stack. The linear layers run over all rows of the batch at once;
+//! each group of rows that shares a LoRA stack gets that stack's delta added (a gather/scatter over
+//! the group's rows); attention runs per sequence on its own cache.
+
+use super::config::LlamaConfig;
+use super::kv_cache::KvCache;
+use super::proj::Proj;
+use super::rope::Rope;
+use crate::lora::LoraStack;
+use anyhow::{bail, Context};
+use candle_core::{DType, Device, Result, Tensor, D};
+use std::collections::HashMap;
+use std::sync::Arc;
+
+/// A frozen linear layer `y = x W^T (+ b)`, `W: [out, in]`.
+#[derive(Clone, Debug)]
+pub struct Linear {
+    pub weight: Tensor,
+    pub bias: Option<Tensor>,
+}
+
+impl Linear {
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let y = x.matmul(&self.weight.t()?)?;
+        match &self.bias {
+            Some(b) => y.broadcast_add(b),
+            None => Ok(y),
+        }
+    }
+}
+
+/// One decoder block's weights.
+#[derive(Clone, Debug)]
+pub struct Block {
+    pub attn_norm: Tensor,
+    pub mlp_norm: Tensor,
+    /// Indexed by `Proj::index()`.
+    pub proj: [Linear; 7],
+}
+
+/// The whole base model, resident and shared by every request.
+#[derive(Debug)]
+pub struct Llama {
+    pub cfg: LlamaConfig,
+    pub embed: Tensor,
+    pub blocks: Vec<Block>,
+    pub norm: Tensor,
+    pub lm_head: Tensor,
+    /// lm_head is the embedding matrix (tied weights).
+    tied: bool,
+    rope: Rope,
+    device: Device,
+}
+
+/// One sequence's share of a forward call.
+pub struct SeqInput<'a> {
+    /// The new tokens (a prompt chunk, or the one token just sampled).
+    pub tokens: &'a [u32],
+    /// This sequence's cache; the new tokens sit at positions `cache.len()..`.
+    pub cache: &'a mut KvCache,
+    /// The LoRA stack applied to this sequence's rows, if any.
+    pub lora: Option<Arc<LoraStack>>,
+}
+
+/// Which positions' logits a forward call returns.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum LogitsMode {
+    /// One row per sequence: its last new token.
+    Last,
+    /// One row per new token, sequences one after another.
+    All,
+}
+
+/// Rows of the batch that share one LoRA stack.
+struct RowGroup {
+    /// `None` when the group is the whole batch (no gather needed).
+    rows: Option<Tensor>,
+    stack: Arc<LoraStack>,
+}
+
+fn take(map: &mut HashMap<String, Tensor>, name: &str, shape: &[usize]) -> anyhow::Result<Tensor> {
+    let t = map
+        .remove(name)
+        .with_context(|| format!("weights: tensor `{name}` is missing"))?;
+    if t.dims() != shape {
+        bail!(
+            "weights: tensor `{name}` has shape {:?}, the config needs {:?}",
+            t.dims(),
+            shape
+        );
+    }
+    Ok(t.to_dtype(DType::F32)?)
+}
+
+impl Llama {
+    /// Builds the model from HF-named tensors (`model.layers.N.self_attn.q_proj.weight`, ...).
+    /// Every shape is checked against the config; a missing or misshapen tensor is an error.
+    pub fn from_tensors(
+        mut cfg: LlamaConfig,
+        mut map: HashMap<String, Tensor>,
+        device: &Device,
+    ) -> anyhow::Result<Self> {
+        let h = cfg.hidden_size;
+        let embed = take(&mut map, "model.embed_tokens.weight", &[cfg.vocab_size, h])?;
+        let mut blocks = Vec::with_capacity(cfg.num_hidden_layers);
+        for l in 0..cfg.num_hidden_layers {
+            let mut projs = Vec::with_capacity(7);
+            for p in Proj::ALL {
+                let (i, o) = p.in_out(&cfg);
+                let name = p.hf_weight_name(l);
+                let weight = take(&mut map, &name, &[o, i])?;
+                let bias_name = name.replace(".weight", ".bias");
+                let bias = match map.contains_key(&bias_name) {
+                    true => Some(take(&mut map, &bias_name, &[o])?),
+                    false => None,
+                };
+                projs.push(Linear { weight, bias });
+            }
+            let proj: [Linear; 7] = projs
+                .try_into()
+                .map_err(|_| anyhow::anyhow!("internal: expected 7 projections"))?;
+            blocks.push(Block {
+                attn_norm: take(
+                    &mut map,
+                    &format!("model.layers.{l}.input_layernorm.weight"),
+                    &[h],
+                )?,
+                mlp_norm: take(
+                    &mut map,
+                    &format!("model.layers.{l}.post_attention_layernorm.weight"),
+                    &[h],
+                )?,
+                proj,
+            });
+        }
+        let norm = take(&mut map, "model.norm.weight", &[h])?;
+        let tied = cfg.tie_word_embeddings || !map.contains_key("lm_head.weight");
+        let lm_head = match tied {
+            false => take(&mut map, "lm_head.weight", &[cfg.vocab_size, h])?,
+            true => embed.clone(),
+        };
+        cfg.tie_word_embeddings = tied;
+        // Rotary tables are not weights; anything else left over is a layout we do not understand.
+        map.retain(|k, _| !k.contains("rotary_emb") && k != "lm_head.weight");
+        if let Some(extra) = map.keys().next() {
+            bail!("weights: unexpected tensor `{extra}` (not part of a Llama-family model)");
+        }
+        let rope = Rope::new(&cfg, device)?;
+        Ok(Self {
+            cfg,
+            embed,
+            blocks,
+            norm,
+            lm_head,
+            tied,
+            rope,
+            device: device.clone(),
+        })
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// The longest sequence (prompt + generated) this model accepts.
+    pub fn max_context(&self) -> usize {
+        self.cfg
+            .max_position_embeddings
+            .min(self.rope.max_positions())
+    }
+
+    /// A fresh, empty cache for one sequence.
+    pub fn new_cache(&self) -> KvCache {
+        KvCache::new(self.cfg.num_hidden_layers, self.max_context())
+    }
+
+    /// Whether lm_head shares its storage with the embedding.
+    pub fn lm_head_tied(&self) -> bool {
+        self.tied
+    }
+
+    /// Every weight under its HF name (what `merge` writes). A tied lm_head is left out.
+    pub fn hf_tensors(&self) -> Vec<(String, Tensor)> {
+        let mut out = vec![("model.embed_tokens.weight".to_string(), self.embed.clone())];
+        for (l, b) in self.blocks.iter().enumerate() {
+            out.push((
+                format!("model.layers.{l}.input_layernorm.weight"),
+                b.attn_norm.clone(),
+            ));
+            out.push((
+                format!("model.layers.{l}.post_attention_layernorm.weight"),
+                b.mlp_norm.clone(),
+            ));
+            for p in Proj::ALL {
+                let lin = &b.proj[p.index()];
+                let name = p.hf_weight_name(l);
+                if let Some(bias) = &lin.bias {
+                    out.push((name.replace(".weight", ".bias"), bias.clone()));
+                }
+                out.push((name, lin.weight.clone()));
+            }
+        }
+        out.push(("model.norm.weight".to_string(), self.norm.clone()));
+        if !self.lm_head_tied() {
+            out.push(("lm_head.weight".to_string(), self.lm_head.clone()));
+        }
+        out
+    }
+
+    /// Bytes of all weights, by dtype name.
+    pub fn bytes_by_dtype(&self) -> Vec<(String, usize)> {
+        let mut by: HashMap<String, usize> = HashMap::new();
+        for (_, t) in self.hf_tensors() {
+            *by.entry(format!("{:?}", t.dtype()).to_lowercase())
+                .or_default() += t.elem_count() * t.dtype().size_in_bytes();
+        }
+        let mut v: Vec<_> = by.into_iter().collect();
+        v.sort();
+        v
+    }
+
+    /// Number of parameters (a tied lm_head counted once).
+    pub fn num_params(&self) -> usize {
+        self.hf_tensors().iter().map(|(_, t)| t.elem_count()).sum()
+    }
+
+    /// Adds `delta` (`[out, in]`) to one projection's weight in place of the old tensor
+    /// (merging an adapter into the base).
+    pub fn add_to_weight(&mut self, layer: usize, proj: Proj, delta: &Tensor) -> Result<()> {
+        let lin = &mut self.blocks[layer].proj[proj.index()];
+        lin.weight = (&lin.weight + delta)?;
+        Ok(())
+    }
+
+    /// Runs one batched forward step and returns logits (`[rows, vocab]`, see `LogitsMode`).
+    /// Each sequence's cache grows by its new tokens; on error no cache advances.
+    pub fn forward(&self, seqs: &mut [SeqInput<'_>], mode: LogitsMode) -> Result<Tensor> {
+        let cfg = &self.cfg;
+        let total: usize = seqs.iter().map(|s| s.tokens.len()).sum();
+        if seqs.iter().any(|s| s.tokens.is_empty()) {
+            candle_core::bail!("every sequence in a forward call needs at least one new token");
+        }
+        let mut ids = Vec::with_capacity(total);
+        for s in seqs.iter() {
+            let end = s.cache.len() + s.tokens.len();
+            if end > self.max_context() {
+                candle_core::bail!(
+                    "sequence of {end} tokens exceeds the model's context of {}",
+                    self.max_context()
+                );
+            }
+            if let Some(&bad) = s.tokens.iter().find(|&&t| t as usize >= cfg.vocab_size) {
+                candle_core::bail!(
+                    "token id {bad} is outside the vocabulary ({})",
+                    cfg.vocab_size
+                );
+            }
+            ids.extend_from_slice(s.tokens);
+        }
+        let groups = self.row_groups(seqs)?;
+        let ids = Tensor::from_vec(ids, total, &self.device)?;
+        let mut x = self.embed.index_select(&ids, 0)?;
+        let (nh, nkv, hd) = (
+            cfg.num_attention_heads,
+            cfg.num_key_value_heads,
+            cfg.head_dim,
+        );
+        let group = cfg.gqa_group();
+        let scale = 1.0 / (hd as f64).sqrt();
+        let eps = cfg.rms_norm_eps as f32;
+        for (l, blk) in self.blocks.iter().enumerate() {
+            let h = candle_nn::ops::rms_norm(&x, &blk.attn_norm, eps)?;
+            let q = self.linear(&h, l, Proj::Q, &groups)?;
+            let k = self.linear(&h, l, Proj::K, &groups)?;
+            let v = self.linear(&h, l, Proj::V, &groups)?;
+            let mut outs = Vec::with_capacity(seqs.len());
+            let mut r0 = 0;
+            for s in seqs.iter_mut() {
+                let len = s.tokens.len();
+                let off = s.cache.len();
+                let heads = |t: &Tensor, n: usize| -> Result<Tensor> {
+                    t.narrow(0, r0, len)?
+                        .reshape((len, n, hd))?
+                        .transpose(0, 1)?
+                        .contiguous()
+                };
+                let qs = self.rope.apply(&heads(&q, nh)?, off, false)?;
+                let ks = self.rope.apply(&heads(&k, nkv)?, off, false)?;
+                let vs = heads(&v, nkv)?;
+                let (k_all, v_all) = s.cache.append(l, &ks, &vs)?;
+                let t = off + len;
+                // Query heads h = kv * group + g share kv head `kv`: fold the group into rows.
+                let qg = qs.reshape((nkv, group * len, hd))?;
+                let mut att = (qg.matmul(&k_all.t()?)? * scale)?;
+                if len > 1 {
+                    let mask: Vec<f32> = (0..len)
+                        .flat_map(|i| {
+                            (0..t).map(move |j| if j > off + i { f32::NEG_INFINITY } else { 0.0 })
+                        })
+                        .collect();
+                    let mask = Tensor::from_vec(mask, (len, t), &self.device)?;
+                    att = att
+                        .reshape((nkv, group, len, t))?
+                        .broadcast_add(&mask)?
+                        .reshape((nkv, group * len, t))?;
+                }
+                let att = candle_nn::ops::softmax_last_dim(&att)?;
+                let o = att.matmul(&v_all.contiguous()?)?;
+                outs.push(
+                    o.reshape((nh, len, hd))?
+                        .transpose(0, 1)?
+                        .reshape((len, nh * hd))?,
+                );
+                r0 += len;
+            }
+            let attn = Tensor::cat(&outs, 0)?;
+            x = (x + self.linear(&attn, l, Proj::O, &groups)?)?;
+            let h = candle_nn::ops::rms_norm(&x, &blk.mlp_norm, eps)?;
+            let gate = self.linear(&h, l, Proj::Gate, &groups)?;
+            let up = self.linear(&h, l, Proj::Up, &groups)?;
+            let act = (gate.silu()? * up)?;
+            x = (x + self.linear(&act, l, Proj::Down, &groups)?)?;
+        }
+        for s in seqs.iter_mut() {
+            s.cache.commit();
+        }
+        let x = match mode {
+            LogitsMode::All => x,
+            LogitsMode::Last => {
+                let mut last = Vec::with_capacity(seqs.len());
+                let mut r = 0u32;
+                for s in seqs.iter() {
+                    r += s.tokens.len() as u32;
+                    last.push(r - 1);
+                }
+                let n = last.len();
+                x.index_select(&Tensor::from_vec(last, n, &self.device)?, 0)?
+            }
+        };
+        let x = candle_nn::ops::rms_norm(&x, &self.norm, eps)?;
+        x.matmul(&self.lm_head.t()?)
+    }
+
+    /// Groups the batch's rows by LoRA stack (identity of the `Arc`).
+    fn row_groups(&self, seqs: &[SeqInput<'_>]) -> Result<Vec<RowGroup>> {
+        let mut groups: Vec<(Arc<LoraStack>, Vec<u32>)> = Vec::new();
+        let mut r = 0u32;
+        let mut all_rows_one_stack = true;
+        for s in seqs {
+            let n = s.tokens.len() as u32;
+            match &s.lora {
+                Some(stack) => {
+                    if let Some(g) = groups.iter_mut().find(|(st, _)| Arc::ptr_eq(st, stack)) {
+                        g.1.extend(r..r + n);
+                    } else {
+                        groups.push((stack.clone(), (r..r + n).collect()));
+                    }
+                }
+                None => all_rows_one_stack = false,
+            }
+            r += n;
+        }
+        if groups.len() == 1 && all_rows_one_stack {
+            let (stack, _) = groups.remove(0);
+            return Ok(vec![RowGroup { rows: None, stack }]);
+        }
+        groups
+            .into_iter()
+            .map(|(stack, rows)| {
+                let n = rows.len();
+                Ok(RowGroup {
+                    rows: Some(Tensor::from_vec(rows, n, &self.device)?),
+                    stack,
+                })
+            })
+            .collect()
+    }
+
+    /// A projection over all rows plus each row group's LoRA delta.
+    fn linear(&self, x: &Tensor, layer: usize, proj: Proj, groups: &[RowGroup]) -> Result<Tensor> {
+        let mut y = self.blocks[layer].proj[proj.index()].forward(x)?;
+        for g in groups {
+            let Some(pair) = g.stack.pair(layer, proj) else {
+                continue;
+            };
+            y = match &g.rows {
+                None => (y + pair.delta(x)?)?,
+                Some(rows) => {
+                    let delta = pair.delta(&x.index_select(rows, 0)?)?;
+                    y.index_add(rows, &delta, 0)?
+                }
+            };
+        }
+        Ok(y)
+    }
+}
+
+/// Log-softmax over the last dimension, in f32.
+pub fn log_softmax(logits: &Tensor) -> Result<Tensor> {
+    candle_nn::ops::log_softmax(&logits.to_dtype(DType::F32)?, D::Minus1)
+}
