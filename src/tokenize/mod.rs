@@ -19,3 +19,36 @@ impl TextTokenizer {
         Ok(())
     }
 }
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct ChatMessage {
+    pub role: String,
+    pub content: String,
+}
+impl Clone for TextTokenizer {
+    fn clone(&self) -> Self {
+        TextTokenizer
+    }
+}
+impl TextTokenizer {
+    pub fn encode(&self, _t: &str, _a: bool) -> Result<Vec<u32>> {
+        anyhow::bail!("stub")
+    }
+    pub fn apply_chat_template(&self, _m: &[ChatMessage], _a: bool) -> Result<String> {
+        anyhow::bail!("stub")
+    }
+    pub fn token_text(&self, _id: u32) -> String {
+        String::new()
+    }
+}
+pub struct StreamDecoder;
+impl StreamDecoder {
+    pub fn new(_t: TextTokenizer) -> Self {
+        StreamDecoder
+    }
+    pub fn push(&mut self, _id: u32) -> Result<Option<String>> {
+        Ok(None)
+    }
+    pub fn finish(&mut self) -> Result<Option<String>> {
+        Ok(None)
+    }
+}

@@ -59,3 +59,164 @@ pub fn argmax(v: &[f32]) -> u32 {
 pub fn bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_loraplex"))
 }
+
+/// GPT-2's byte → printable-character table (how byte-level BPE vocabularies spell raw bytes).
+pub fn byte_token(b: u8) -> String {
+    let printable =
+        |c: u32| (33..=126).contains(&c) || (161..=172).contains(&c) || (174..=255).contains(&c);
+    if printable(b as u32) {
+        return char::from_u32(b as u32).unwrap().to_string();
+    }
+    let mut n = 0;
+    for c in 0..256u32 {
+        if !printable(c) {
+            if c == b as u32 {
+                return char::from_u32(256 + n).unwrap().to_string();
+            }
+            n += 1;
+        }
+    }
+    unreachable!()
+}
+
+/// llama.cpp's Q/K row permutation, written independently of the library: HF row
+/// `h*d + half*d/2 + i` moves to `h*d + 2*i + half`.
+pub fn llama_cpp_permute(w: &[f32], rows: usize, cols: usize, heads: usize) -> Vec<f32> {
+    let d = rows / heads;
+    let mut out = vec![0f32; w.len()];
+    for h in 0..heads {
+        for half in 0..2 {
+            for i in 0..d / 2 {
+                let src = h * d + half * d / 2 + i;
+                let dst = h * d + 2 * i + half;
+                out[dst * cols..(dst + 1) * cols].copy_from_slice(&w[src * cols..(src + 1) * cols]);
+            }
+        }
+    }
+    out
+}
+
+/// Writes the tiny fixture model as a llama.cpp-style GGUF (f32 tensors, permuted Q/K, a
+/// 256-token byte-level tokenizer whose pre-tokenizer is `pre`). Without `lm_head` the file has
+/// no `output.weight` (tied embeddings).
+pub fn write_tiny_gguf(path: &std::path::Path, pre: &str, lm_head: bool) {
+    use candle_core::quantized::{gguf_file::Value, GgmlDType, QTensor};
+    use candle_core::{Device, Tensor};
+    let cfg: Value2 =
+        serde_json::from_str(&std::fs::read_to_string(tiny_model().join("config.json")).unwrap())
+            .unwrap();
+    let st = candle_core::safetensors::load(tiny_model().join("model.safetensors"), &Device::Cpu)
+        .unwrap();
+    let u = |k: &str| cfg[k].as_u64().unwrap() as u32;
+    let (nh, nkv) = (
+        u("num_attention_heads") as usize,
+        u("num_key_value_heads") as usize,
+    );
+    let mut tensors: Vec<(String, QTensor)> = Vec::new();
+    let mut add = |name: String, t: &Tensor, permute_heads: Option<usize>| {
+        let t = match permute_heads {
+            Some(h) => {
+                let (r, c) = t.dims2().unwrap();
+                let v: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
+                Tensor::from_vec(llama_cpp_permute(&v, r, c, h), (r, c), &Device::Cpu).unwrap()
+            }
+            None => t.clone(),
+        };
+        tensors.push((name, QTensor::quantize(&t, GgmlDType::F32).unwrap()));
+    };
+    add(
+        "token_embd.weight".into(),
+        &st["model.embed_tokens.weight"],
+        None,
+    );
+    add("output_norm.weight".into(), &st["model.norm.weight"], None);
+    if lm_head {
+        add("output.weight".into(), &st["lm_head.weight"], None);
+    }
+    for l in 0..u("num_hidden_layers") as usize {
+        let hf = |n: &str| &st[&format!("model.layers.{l}.{n}.weight")];
+        add(
+            format!("blk.{l}.attn_norm.weight"),
+            hf("input_layernorm"),
+            None,
+        );
+        add(
+            format!("blk.{l}.ffn_norm.weight"),
+            hf("post_attention_layernorm"),
+            None,
+        );
+        add(
+            format!("blk.{l}.attn_q.weight"),
+            hf("self_attn.q_proj"),
+            Some(nh),
+        );
+        add(
+            format!("blk.{l}.attn_k.weight"),
+            hf("self_attn.k_proj"),
+            Some(nkv),
+        );
+        add(
+            format!("blk.{l}.attn_v.weight"),
+            hf("self_attn.v_proj"),
+            None,
+        );
+        add(
+            format!("blk.{l}.attn_output.weight"),
+            hf("self_attn.o_proj"),
+            None,
+        );
+        add(
+            format!("blk.{l}.ffn_gate.weight"),
+            hf("mlp.gate_proj"),
+            None,
+        );
+        add(format!("blk.{l}.ffn_up.weight"), hf("mlp.up_proj"), None);
+        add(
+            format!("blk.{l}.ffn_down.weight"),
+            hf("mlp.down_proj"),
+            None,
+        );
+    }
+    let tokens: Vec<Value> = (0..=255u8).map(|b| Value::String(byte_token(b))).collect();
+    let md: Vec<(&str, Value)> = vec![
+        ("general.architecture", Value::String("llama".into())),
+        ("general.name", Value::String("tiny".into())),
+        ("llama.embedding_length", Value::U32(u("hidden_size"))),
+        ("llama.block_count", Value::U32(u("num_hidden_layers"))),
+        (
+            "llama.feed_forward_length",
+            Value::U32(u("intermediate_size")),
+        ),
+        ("llama.attention.head_count", Value::U32(nh as u32)),
+        ("llama.attention.head_count_kv", Value::U32(nkv as u32)),
+        (
+            "llama.attention.layer_norm_rms_epsilon",
+            Value::F32(cfg["rms_norm_eps"].as_f64().unwrap() as f32),
+        ),
+        (
+            "llama.rope.freq_base",
+            Value::F32(cfg["rope_theta"].as_f64().unwrap() as f32),
+        ),
+        (
+            "llama.context_length",
+            Value::U32(u("max_position_embeddings")),
+        ),
+        ("llama.rope.dimension_count", Value::U32(u("head_dim"))),
+        ("tokenizer.ggml.model", Value::String("gpt2".into())),
+        ("tokenizer.ggml.pre", Value::String(pre.into())),
+        ("tokenizer.ggml.tokens", Value::Array(tokens)),
+        (
+            "tokenizer.ggml.token_type",
+            Value::Array((0..256).map(|_| Value::I32(1)).collect()),
+        ),
+        ("tokenizer.ggml.merges", Value::Array(vec![])),
+        ("tokenizer.ggml.bos_token_id", Value::U32(1)),
+        ("tokenizer.ggml.eos_token_id", Value::U32(2)),
+    ];
+    let md_refs: Vec<(&str, &Value)> = md.iter().map(|(k, v)| (*k, v)).collect();
+    let t_refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let mut f = std::fs::File::create(path).unwrap();
+    candle_core::quantized::gguf_file::write(&mut f, &md_refs, &t_refs).unwrap();
+}
+
+type Value2 = serde_json::Value;

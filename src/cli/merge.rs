@@ -1,0 +1,38 @@
+//! `loraplex merge`: fold adapters into the base weights and write an HF folder.
+
+use super::{load_stack, ModelArgs};
+use crate::lora::AdapterSpec;
+use crate::model::export::save_hf_folder;
+use anyhow::{Context, Result};
+use std::path::PathBuf;
+
+#[derive(clap::Args, Debug)]
+pub struct MergeArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Adapter to merge, DIR[:WEIGHT]; repeat to merge a weighted stack.
+    #[arg(
+        long = "adapter",
+        short = 'a',
+        value_name = "DIR[:WEIGHT]",
+        required = true
+    )]
+    pub adapters: Vec<AdapterSpec>,
+    /// Output folder (must not exist, or be empty).
+    #[arg(long)]
+    pub out: PathBuf,
+}
+
+pub fn run(a: MergeArgs) -> Result<()> {
+    let mut model = a.model.load()?;
+    let stack = load_stack(&model, &a.adapters)?.context("no adapters given")?;
+    stack.merge_into(&mut model.llama)?;
+    save_hf_folder(&model, &a.out)?;
+    eprintln!(
+        "merged {} into {} and wrote {}",
+        stack.label(),
+        model.id,
+        a.out.display()
+    );
+    Ok(())
+}

