@@ -160,11 +160,11 @@ impl TextTokenizer {
         let mut vocab = Vocab::default();
         for (id, token) in tokens.iter().enumerate() {
             let id = u32::try_from(id).context("the GGUF vocabulary has over 2^32 tokens")?;
-            if let Some(first) = vocab.get(*token) {
+            // Like llama.cpp and transformers, the last of repeated strings wins the lookup.
+            if let Some(earlier) = vocab.get(*token) {
                 tracing::warn!(
-                    "GGUF token {id} repeats token {first} ({token:?}); keeping {first}"
+                    "GGUF token {id} repeats token {earlier} ({token:?}); text maps to {id}"
                 );
-                continue;
             }
             vocab.insert((*token).to_string(), id);
         }
