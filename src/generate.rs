@@ -96,7 +96,7 @@ impl SequenceState {
             sampler: Sampler::new(&params.sampling)?,
             params,
             eos_ids,
-            decoder: tokenizer.map(|t| StreamDecoder::new(t.clone())),
+            decoder: tokenizer.map(|t| StreamDecoder::new(t, true)),
             ids: Vec::new(),
             text: String::new(),
             emitted: 0,

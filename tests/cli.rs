@@ -317,5 +317,14 @@ fn bad_inputs_are_clear_errors() {
     assert!(gen(p(&model), &["--prompt-ids", "1,999"]).contains("vocabulary"));
     assert!(gen(p(&model), &["--temperature", "-1"]).contains("temperature"));
     assert!(gen(p(&model), &["--top-p", "0"]).contains("top_p"));
-    assert!(gen(p(&model), &["--max-tokens", "0"]).contains("max_tokens"));
+    let err = run_err(&[
+        "generate",
+        "--model",
+        p(&model),
+        "--prompt-ids",
+        "1,2",
+        "--max-tokens",
+        "0",
+    ]);
+    assert!(err.contains("max_tokens"), "{err}");
 }

@@ -33,7 +33,7 @@ pub struct GenerateArgs {
     #[arg(long, default_value_t = 256)]
     pub max_tokens: usize,
     /// Sampling temperature; 0 is greedy.
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, allow_hyphen_values = true)]
     pub temperature: f64,
     /// Nucleus sampling mass in (0, 1].
     #[arg(long, default_value_t = 1.0)]

@@ -34,6 +34,9 @@ pub struct LoraAdapter {
     pub modules: BTreeMap<(usize, Proj), LoraModule>,
 }
 
+/// The `(key, tensor)` of a module's lora_A and lora_B, as they are found.
+type HalfPair = (Option<(String, Tensor)>, Option<(String, Tensor)>);
+
 /// What one safetensors key of a PEFT adapter names.
 #[derive(Debug, PartialEq)]
 struct LoraKey {
@@ -149,10 +152,7 @@ impl LoraAdapter {
                 "adapter `{name}`: fan_in_fan_out=true ignored for Linear layers, as PEFT does"
             );
         }
-        let mut halves: BTreeMap<
-            (usize, Proj),
-            (Option<(String, Tensor)>, Option<(String, Tensor)>),
-        > = BTreeMap::new();
+        let mut halves: BTreeMap<(usize, Proj), HalfPair> = BTreeMap::new();
         let mut names: Vec<_> = tensors.into_iter().collect();
         names.sort_by(|a, b| a.0.cmp(&b.0));
         for (key, t) in names {

@@ -233,7 +233,9 @@ impl LlamaConfig {
     fn validate(&self) -> Result<()> {
         if self.num_attention_heads == 0
             || self.num_key_value_heads == 0
-            || self.num_attention_heads % self.num_key_value_heads != 0
+            || !self
+                .num_attention_heads
+                .is_multiple_of(self.num_key_value_heads)
         {
             bail!(
                 "num_attention_heads ({}) must be a positive multiple of num_key_value_heads ({})",
@@ -241,7 +243,7 @@ impl LlamaConfig {
                 self.num_key_value_heads
             );
         }
-        if self.head_dim == 0 || self.head_dim % 2 != 0 {
+        if self.head_dim == 0 || !self.head_dim.is_multiple_of(2) {
             bail!("head_dim ({}) must be even and positive", self.head_dim);
         }
         if self.vocab_size == 0 || self.hidden_size == 0 || self.num_hidden_layers == 0 {
