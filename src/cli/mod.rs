@@ -3,6 +3,7 @@
 mod generate;
 mod info;
 mod merge;
+mod serve;
 
 use crate::lora::{AdapterSpec, LoraAdapter, LoraStack};
 use crate::model::LoadedModel;
@@ -14,7 +15,7 @@ use std::sync::Arc;
 #[command(
     name = "loraplex",
     version,
-    about = "One frozen base LLM, many LoRA adapters: generate, merge and inspect",
+    about = "One frozen base LLM, many LoRA adapters: serve, generate, merge and inspect",
     long_about = "loraplex keeps one frozen Llama-family base model resident and applies PEFT LoRA \
 adapters to it per request: one adapter, a weighted stack of several, or merged into the base.\n\n\
 Without --model every command uses the default model, SmolLM2-135M-Instruct (fetched on first use \
@@ -27,6 +28,8 @@ pub struct Cli {
 
 #[derive(Subcommand, Debug)]
 pub enum Command {
+    /// Serve the OpenAI-compatible API (chat, completions, models, adapter admin, metrics).
+    Serve(serve::ServeArgs),
     /// Generate text from a prompt, optionally through one or more stacked adapters.
     Generate(generate::GenerateArgs),
     /// Merge adapters into the base and write an HF folder (config, safetensors, tokenizer).
@@ -74,6 +77,7 @@ pub fn load_stack(model: &LoadedModel, specs: &[AdapterSpec]) -> Result<Option<A
 /// Runs the parsed command.
 pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
+        Command::Serve(a) => serve::run(a),
         Command::Generate(a) => generate::run(a),
         Command::Merge(a) => merge::run(a),
         Command::Info(a) => info::run(a),

@@ -172,5 +172,9 @@ pub fn load_path(path: &Path, device: &Device) -> Result<LoadedModel> {
 /// `resolve` then `load_path` on the CPU.
 pub fn load(spec: Option<&str>) -> Result<LoadedModel> {
     let path = resolve(spec)?;
-    load_path(&path, &Device::Cpu)
+    let mut model = load_path(&path, &Device::Cpu)?;
+    if spec.is_none() {
+        model.id = crate::fetch::DEFAULT_MODEL_ID.to_string();
+    }
+    Ok(model)
 }

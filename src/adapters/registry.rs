@@ -1,0 +1,453 @@
+//! The adapter registry and its bytes-capped cache.
+
+use super::valid_name;
+use crate::lora::{LoraAdapter, LoraStack};
+use crate::model::LlamaConfig;
+use moka::future::Cache;
+use moka::notification::RemovalCause;
+use prometheus::{Histogram, HistogramOpts, IntCounter, IntGauge, Registry};
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Component, Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock, Weak};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+/// A loaded adapter with its ready-to-use single-adapter stack.
+#[derive(Debug)]
+pub struct CachedAdapter {
+    pub adapter: Arc<LoraAdapter>,
+    /// The adapter alone at weight 1; shared by all requests for it so they batch as one group.
+    pub stack: Arc<LoraStack>,
+    pub version: u64,
+}
+
+/// Why an adapter could not be served.
+#[derive(Debug, thiserror::Error)]
+pub enum AdapterError {
+    #[error("adapter `{0}` does not exist")]
+    NotFound(String),
+    #[error("invalid adapter name `{0}`: use 1-64 characters from A-Z a-z 0-9 . _ -")]
+    BadName(String),
+    #[error("{0}")]
+    BadPath(String),
+    #[error("adapter `{name}` cannot be loaded: {reason}")]
+    Invalid { name: String, reason: String },
+}
+
+/// What the admin API shows for one adapter.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct AdapterSummary {
+    pub name: String,
+    pub path: PathBuf,
+    pub version: u64,
+    /// `loaded` when in the cache, else `on-disk`.
+    pub state: &'static str,
+    pub rank: Option<usize>,
+    pub alpha: Option<f64>,
+    pub targets: Option<Vec<String>>,
+    pub bytes: Option<usize>,
+    pub requests: u64,
+    /// Unix seconds of the last request, if any.
+    pub last_used: Option<u64>,
+}
+
+#[derive(Clone, Debug)]
+struct Record {
+    path: PathBuf,
+    version: u64,
+    requests: u64,
+    last_used: Option<u64>,
+    /// Filled in on first load.
+    info: Option<(usize, f64, Vec<String>, usize)>,
+}
+
+/// Cache metrics.
+pub struct AdapterMetrics {
+    pub hits: IntCounter,
+    pub misses: IntCounter,
+    pub evictions: IntCounter,
+    pub bytes: IntGauge,
+    pub load_seconds: Histogram,
+}
+
+impl AdapterMetrics {
+    pub fn new(registry: &Registry) -> prometheus::Result<Self> {
+        let counter = |n: &str, h: &str| -> prometheus::Result<IntCounter> {
+            let c = IntCounter::new(n, h)?;
+            registry.register(Box::new(c.clone()))?;
+            Ok(c)
+        };
+        let bytes = IntGauge::new(
+            "loraplex_adapter_cache_bytes",
+            "Bytes of adapters in the cache",
+        )?;
+        registry.register(Box::new(bytes.clone()))?;
+        let load_seconds = Histogram::with_opts(
+            HistogramOpts::new(
+                "loraplex_adapter_load_seconds",
+                "Time to load and validate an adapter",
+            )
+            .buckets(prometheus::exponential_buckets(0.001, 2.0, 14)?),
+        )?;
+        registry.register(Box::new(load_seconds.clone()))?;
+        Ok(Self {
+            hits: counter(
+                "loraplex_adapter_cache_hits_total",
+                "Adapter lookups served from memory",
+            )?,
+            misses: counter(
+                "loraplex_adapter_cache_misses_total",
+                "Adapter lookups that loaded from disk",
+            )?,
+            evictions: counter(
+                "loraplex_adapter_cache_evictions_total",
+                "Adapters evicted to stay under the byte cap",
+            )?,
+            bytes,
+            load_seconds,
+        })
+    }
+}
+
+/// Named adapters, their versions, and the cache of loaded ones.
+pub struct AdapterRegistry {
+    dir: PathBuf,
+    allow_outside: bool,
+    base: LlamaConfig,
+    records: RwLock<BTreeMap<String, Record>>,
+    cache: Cache<(String, u64), Arc<CachedAdapter>>,
+    alive: Mutex<HashMap<(String, u64), Weak<CachedAdapter>>>,
+    next_version: AtomicU64,
+    metrics: Arc<AdapterMetrics>,
+}
+
+fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+fn cached_bytes(c: &CachedAdapter) -> u32 {
+    u32::try_from(c.adapter.bytes()).unwrap_or(u32::MAX)
+}
+
+impl AdapterRegistry {
+    /// A registry over `dir` (created if missing) whose cache holds at most `cache_bytes` bytes.
+    pub fn new(
+        dir: PathBuf,
+        allow_outside: bool,
+        base: LlamaConfig,
+        cache_bytes: u64,
+        metrics: Arc<AdapterMetrics>,
+    ) -> anyhow::Result<Self> {
+        std::fs::create_dir_all(&dir).map_err(|e| {
+            anyhow::anyhow!("cannot create adapters directory {}: {e}", dir.display())
+        })?;
+        let dir = dir.canonicalize()?;
+        let evictions = metrics.evictions.clone();
+        let cache = Cache::builder()
+            .max_capacity(cache_bytes)
+            .weigher(|_k: &(String, u64), v: &Arc<CachedAdapter>| cached_bytes(v))
+            .eviction_listener(move |_k, _v, cause| {
+                if cause == RemovalCause::Size {
+                    evictions.inc();
+                }
+            })
+            .build();
+        Ok(Self {
+            dir,
+            allow_outside,
+            base,
+            records: RwLock::new(BTreeMap::new()),
+            cache,
+            alive: Mutex::new(HashMap::new()),
+            next_version: AtomicU64::new(1),
+            metrics,
+        })
+    }
+
+    /// The adapters directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Registers every subfolder of the adapters directory that holds an `adapter_config.json`
+    /// (validation happens on first use).
+    pub fn scan(&self) -> anyhow::Result<usize> {
+        let mut n = 0;
+        for entry in std::fs::read_dir(&self.dir)? {
+            let entry = entry?;
+            let path = entry.path();
+            let Some(name) = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .map(str::to_string)
+            else {
+                continue;
+            };
+            if !path.join("adapter_config.json").is_file() {
+                continue;
+            }
+            if !valid_name(&name) {
+                tracing::warn!("skipping adapter folder `{name}`: not a valid adapter name");
+                continue;
+            }
+            self.insert_record(&name, path);
+            n += 1;
+        }
+        Ok(n)
+    }
+
+    fn insert_record(&self, name: &str, path: PathBuf) -> u64 {
+        let version = self.next_version.fetch_add(1, Ordering::SeqCst);
+        let mut recs = self.records.write().unwrap_or_else(|e| e.into_inner());
+        recs.insert(
+            name.to_string(),
+            Record {
+                path,
+                version,
+                requests: 0,
+                last_used: None,
+                info: None,
+            },
+        );
+        version
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.records
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains_key(name)
+    }
+
+    /// Resolves a client-given path: relative paths are inside the adapters directory; `..` and
+    /// paths outside the directory are refused unless the server allows them.
+    pub fn resolve_path(&self, path: &str) -> Result<PathBuf, AdapterError> {
+        let p = Path::new(path);
+        if p.components().any(|c| matches!(c, Component::ParentDir)) && !self.allow_outside {
+            return Err(AdapterError::BadPath(format!(
+                "adapter path `{path}` contains `..`; paths must stay inside the adapters directory"
+            )));
+        }
+        let full = if p.is_absolute() {
+            p.to_path_buf()
+        } else {
+            self.dir.join(p)
+        };
+        let canon = full
+            .canonicalize()
+            .map_err(|_| AdapterError::BadPath(format!("adapter path `{path}` does not exist")))?;
+        if !self.allow_outside && !canon.starts_with(&self.dir) {
+            return Err(AdapterError::BadPath(format!(
+                "adapter path `{path}` is outside the adapters directory (start the server with \
+                 --allow-adapter-paths-outside to permit it)"
+            )));
+        }
+        Ok(canon)
+    }
+
+    /// Registers (or replaces) adapter `name` at `path`, loading and validating it first.
+    pub async fn register(&self, name: &str, path: &str) -> Result<AdapterSummary, AdapterError> {
+        if !valid_name(name) {
+            return Err(AdapterError::BadName(name.to_string()));
+        }
+        let dir = self.resolve_path(path)?;
+        let version = self.next_version.fetch_add(1, Ordering::SeqCst);
+        let loaded = self.load(name, dir.clone(), version).await?;
+        let old = {
+            let mut recs = self.records.write().unwrap_or_else(|e| e.into_inner());
+            let info = Self::info_of(&loaded);
+            recs.insert(
+                name.to_string(),
+                Record {
+                    path: dir,
+                    version,
+                    requests: 0,
+                    last_used: None,
+                    info: Some(info),
+                },
+            )
+        };
+        if let Some(old) = old {
+            // Running sequences keep their Arc; new requests get the new version.
+            self.cache
+                .invalidate(&(name.to_string(), old.version))
+                .await;
+        }
+        self.cache.insert((name.to_string(), version), loaded).await;
+        self.remember(
+            name,
+            version,
+            &self.cache.get(&(name.to_string(), version)).await,
+        );
+        self.summary(name)
+            .await
+            .ok_or_else(|| AdapterError::NotFound(name.to_string()))
+    }
+
+    /// Unregisters `name` (its files stay on disk). Running sequences finish with it.
+    pub async fn remove(&self, name: &str) -> Result<(), AdapterError> {
+        let rec = self
+            .records
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(name)
+            .ok_or_else(|| AdapterError::NotFound(name.to_string()))?;
+        self.cache
+            .invalidate(&(name.to_string(), rec.version))
+            .await;
+        Ok(())
+    }
+
+    fn info_of(c: &CachedAdapter) -> (usize, f64, Vec<String>, usize) {
+        let a = &c.adapter;
+        let targets = a.targets().into_iter().map(str::to_string).collect();
+        (a.config.r, a.config.lora_alpha, targets, a.bytes())
+    }
+
+    fn remember(&self, name: &str, version: u64, c: &Option<Arc<CachedAdapter>>) {
+        if let Some(c) = c {
+            let mut alive = self.alive.lock().unwrap_or_else(|e| e.into_inner());
+            alive.retain(|_, w| w.strong_count() > 0);
+            alive.insert((name.to_string(), version), Arc::downgrade(c));
+        }
+    }
+
+    async fn load(
+        &self,
+        name: &str,
+        dir: PathBuf,
+        version: u64,
+    ) -> Result<Arc<CachedAdapter>, AdapterError> {
+        let base = self.base.clone();
+        let n = name.to_string();
+        let t0 = Instant::now();
+        let res = tokio::task::spawn_blocking(move || -> anyhow::Result<CachedAdapter> {
+            let adapter = Arc::new(LoraAdapter::load(&n, &dir, &base)?);
+            let stack = Arc::new(LoraStack::single(adapter.clone(), base.num_hidden_layers)?);
+            Ok(CachedAdapter {
+                adapter,
+                stack,
+                version,
+            })
+        })
+        .await;
+        self.metrics
+            .load_seconds
+            .observe(t0.elapsed().as_secs_f64());
+        match res {
+            Ok(Ok(c)) => Ok(Arc::new(c)),
+            Ok(Err(e)) => Err(AdapterError::Invalid {
+                name: name.to_string(),
+                reason: format!("{e:#}"),
+            }),
+            Err(e) => Err(AdapterError::Invalid {
+                name: name.to_string(),
+                reason: format!("loader failed: {e}"),
+            }),
+        }
+    }
+
+    /// The loaded adapter `name` (current version), loading it on a miss. Counts the request.
+    pub async fn get(&self, name: &str) -> Result<Arc<CachedAdapter>, AdapterError> {
+        let (path, version) = {
+            let mut recs = self.records.write().unwrap_or_else(|e| e.into_inner());
+            let rec = recs
+                .get_mut(name)
+                .ok_or_else(|| AdapterError::NotFound(name.to_string()))?;
+            rec.requests += 1;
+            rec.last_used = Some(now_secs());
+            (rec.path.clone(), rec.version)
+        };
+        let key = (name.to_string(), version);
+        if let Some(c) = self.cache.get(&key).await {
+            self.metrics.hits.inc();
+            return Ok(c);
+        }
+        let in_use = self
+            .alive
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&key)
+            .and_then(Weak::upgrade);
+        if let Some(c) = in_use {
+            // Evicted while sequences still use it: put the same copy back.
+            self.metrics.hits.inc();
+            self.cache.insert(key, c.clone()).await;
+            return Ok(c);
+        }
+        self.metrics.misses.inc();
+        let c = self
+            .cache
+            .try_get_with(key.clone(), self.load(name, path, version))
+            .await
+            .map_err(|e| match e.as_ref() {
+                AdapterError::Invalid { name, reason } => AdapterError::Invalid {
+                    name: name.clone(),
+                    reason: reason.clone(),
+                },
+                other => AdapterError::Invalid {
+                    name: name.to_string(),
+                    reason: other.to_string(),
+                },
+            })?;
+        self.remember(name, version, &Some(c.clone()));
+        {
+            let mut recs = self.records.write().unwrap_or_else(|e| e.into_inner());
+            if let Some(rec) = recs.get_mut(name) {
+                rec.info = Some(Self::info_of(&c));
+            }
+        }
+        self.cache.run_pending_tasks().await;
+        self.metrics.bytes.set(self.cache.weighted_size() as i64);
+        Ok(c)
+    }
+
+    async fn summary(&self, name: &str) -> Option<AdapterSummary> {
+        let rec = self
+            .records
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(name)
+            .cloned()?;
+        let loaded = self.cache.contains_key(&(name.to_string(), rec.version));
+        let (rank, alpha, targets, bytes) = match rec.info {
+            Some((r, a, t, b)) => (Some(r), Some(a), Some(t), Some(b)),
+            None => (None, None, None, None),
+        };
+        Some(AdapterSummary {
+            name: name.to_string(),
+            path: rec.path,
+            version: rec.version,
+            state: if loaded { "loaded" } else { "on-disk" },
+            rank,
+            alpha,
+            targets,
+            bytes,
+            requests: rec.requests,
+            last_used: rec.last_used,
+        })
+    }
+
+    /// Every registered adapter, by name.
+    pub async fn list(&self) -> Vec<AdapterSummary> {
+        self.cache.run_pending_tasks().await;
+        self.metrics.bytes.set(self.cache.weighted_size() as i64);
+        let names: Vec<String> = self
+            .records
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .keys()
+            .cloned()
+            .collect();
+        let mut out = Vec::with_capacity(names.len());
+        for n in names {
+            if let Some(s) = self.summary(&n).await {
+                out.push(s);
+            }
+        }
+        out
+    }
+}

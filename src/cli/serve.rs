@@ -1,0 +1,100 @@
+//! `loraplex serve`: flags on top of the TOML config, then the server.
+
+use crate::server::{serve, ServeConfig};
+use anyhow::{Context, Result};
+use std::path::PathBuf;
+
+#[derive(clap::Args, Debug)]
+pub struct ServeArgs {
+    /// TOML config (keys as in configs/default.toml); flags override it.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Base model: HF folder, .gguf file or hub id. Default: SmolLM2-135M-Instruct.
+    #[arg(long, short = 'm', env = "LORAPLEX_MODEL")]
+    pub model: Option<String>,
+    /// Folder of PEFT adapters (each subfolder is one, named by the folder). Default: adapters
+    #[arg(long)]
+    pub adapters_dir: Option<PathBuf>,
+    /// Address to bind. Default: 127.0.0.1
+    #[arg(long)]
+    pub host: Option<String>,
+    /// Port (0 = any free port). Default: 8000
+    #[arg(long)]
+    pub port: Option<u16>,
+    /// Serve this adapter merged into the base: NAME[:WEIGHT] (repeat to merge a stack).
+    #[arg(long, value_name = "NAME[:WEIGHT]")]
+    pub merge: Vec<String>,
+    /// Load this adapter at start-up (repeatable).
+    #[arg(long)]
+    pub preload: Vec<String>,
+    /// Byte cap of the loaded-adapter cache.
+    #[arg(long)]
+    pub adapter_cache_bytes: Option<u64>,
+    /// Most sequences per forward step.
+    #[arg(long)]
+    pub max_batch_size: Option<usize>,
+    /// Most requests waiting for a slot before 429.
+    #[arg(long)]
+    pub max_waiting: Option<usize>,
+    /// Most prompt tokens prefilled per step.
+    #[arg(long)]
+    pub prefill_chunk: Option<usize>,
+    /// Require `Authorization: Bearer KEY` on /v1 routes.
+    #[arg(long, env = "LORAPLEX_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
+    /// Separate key for adapter admin routes.
+    #[arg(long, env = "LORAPLEX_ADMIN_KEY", hide_env_values = true)]
+    pub admin_key: Option<String>,
+    /// Allow registering adapter paths outside the adapters directory.
+    #[arg(long)]
+    pub allow_adapter_paths_outside: bool,
+}
+
+impl ServeArgs {
+    /// The config file (or defaults) with every given flag applied.
+    pub fn to_config(&self) -> Result<ServeConfig> {
+        let mut c = match &self.config {
+            Some(p) => ServeConfig::from_file(p)?,
+            None => ServeConfig::default(),
+        };
+        macro_rules! set {
+            ($($f:ident),*) => { $( if let Some(v) = &self.$f { c.$f = v.clone(); } )* };
+        }
+        set!(
+            adapters_dir,
+            host,
+            port,
+            adapter_cache_bytes,
+            max_batch_size,
+            max_waiting,
+            prefill_chunk
+        );
+        if self.model.is_some() {
+            c.model = self.model.clone();
+        }
+        if self.api_key.is_some() {
+            c.api_key = self.api_key.clone();
+        }
+        if self.admin_key.is_some() {
+            c.admin_key = self.admin_key.clone();
+        }
+        if !self.merge.is_empty() {
+            c.merge = self.merge.clone();
+        }
+        if !self.preload.is_empty() {
+            c.preload = self.preload.clone();
+        }
+        c.allow_adapter_paths_outside |= self.allow_adapter_paths_outside;
+        Ok(c)
+    }
+}
+
+pub fn run(a: ServeArgs) -> Result<()> {
+    let cfg = a.to_config()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    rt.block_on(serve(cfg))
+}

@@ -1,0 +1,147 @@
+//! The inference engine: one scheduler thread owns the model and runs continuous batching.
+//!
+//! Requests arrive through [`EngineHandle::submit`] and wait in a bounded queue. Every step the
+//! scheduler drops sequences whose client went away, admits waiting sequences up to
+//! `max_batch_size`, and runs ONE batched forward over all running sequences: prompt chunks for
+//! sequences still prefilling (bounded per step so running streams keep flowing) and one token for
+//! each decoding sequence, each row group with its own LoRA stack. It samples, streams events back
+//! through each sequence's channel and retires finished sequences.
+
+mod scheduler;
+
+pub use scheduler::EngineMetrics;
+
+use crate::generate::{FinishReason, GenerationParams};
+use crate::lora::LoraStack;
+use crate::model::LoadedModel;
+use crate::sampling::TokenLogprob;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc};
+use std::time::Instant;
+use tokio::sync::mpsc as tmpsc;
+
+/// Limits of the scheduler.
+#[derive(Clone, Debug)]
+pub struct EngineConfig {
+    /// Most sequences in one forward step.
+    pub max_batch_size: usize,
+    /// Most sequences waiting for a batch slot; beyond it submissions are refused.
+    pub max_waiting: usize,
+    /// Most prompt tokens prefilled in one step (over all sequences).
+    pub prefill_chunk: usize,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self {
+            max_batch_size: 32,
+            max_waiting: 256,
+            prefill_chunk: 256,
+        }
+    }
+}
+
+/// One sequence to generate.
+pub struct EngineRequest {
+    pub prompt_ids: Vec<u32>,
+    pub params: GenerationParams,
+    pub lora: Option<Arc<LoraStack>>,
+    /// Label for metrics and logs (`base`, an adapter name, or a stack label).
+    pub label: String,
+}
+
+/// What a sequence reports back.
+#[derive(Clone, Debug)]
+pub enum EngineEvent {
+    /// One generated token and the text that became final with it (may be empty).
+    Token {
+        id: u32,
+        text: String,
+        logprob: Option<(TokenLogprob, Vec<TokenLogprob>)>,
+    },
+    /// The sequence ended.
+    Done {
+        reason: FinishReason,
+        prompt_tokens: usize,
+        completion_tokens: usize,
+    },
+    /// The sequence failed (internal error); no more events follow.
+    Error(String),
+}
+
+/// Why a submission was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum SubmitError {
+    #[error("too many requests are waiting ({0}); retry later")]
+    QueueFull(usize),
+    #[error("the engine has stopped")]
+    Stopped,
+}
+
+pub(crate) struct Submission {
+    req: EngineRequest,
+    events: tmpsc::UnboundedSender<EngineEvent>,
+    submitted: Instant,
+}
+
+/// Cheap, cloneable handle to the scheduler thread.
+#[derive(Clone)]
+pub struct EngineHandle {
+    tx: mpsc::Sender<Submission>,
+    waiting: Arc<AtomicUsize>,
+    max_waiting: usize,
+    model: Arc<LoadedModel>,
+}
+
+impl EngineHandle {
+    /// Starts the scheduler thread for `model`.
+    pub fn start(model: Arc<LoadedModel>, cfg: EngineConfig, metrics: Arc<EngineMetrics>) -> Self {
+        let (tx, rx) = mpsc::channel();
+        let waiting = Arc::new(AtomicUsize::new(0));
+        let handle = Self {
+            tx,
+            waiting: waiting.clone(),
+            max_waiting: cfg.max_waiting,
+            model: model.clone(),
+        };
+        std::thread::Builder::new()
+            .name("loraplex-scheduler".into())
+            .spawn(move || scheduler::run(model, cfg, rx, waiting, metrics))
+            .map(|_| ())
+            .unwrap_or_else(|e| tracing::error!("cannot start the scheduler thread: {e}"));
+        handle
+    }
+
+    pub fn model(&self) -> &Arc<LoadedModel> {
+        &self.model
+    }
+
+    /// Queues a sequence; events arrive on the returned receiver. Dropping the receiver cancels
+    /// the sequence within one step.
+    pub fn submit(
+        &self,
+        req: EngineRequest,
+    ) -> Result<tmpsc::UnboundedReceiver<EngineEvent>, SubmitError> {
+        let n = self.waiting.fetch_add(1, Ordering::SeqCst);
+        if n >= self.max_waiting {
+            self.waiting.fetch_sub(1, Ordering::SeqCst);
+            return Err(SubmitError::QueueFull(n));
+        }
+        let (etx, erx) = tmpsc::unbounded_channel();
+        let sub = Submission {
+            req,
+            events: etx,
+            submitted: Instant::now(),
+        };
+        if self.tx.send(sub).is_err() {
+            self.waiting.fetch_sub(1, Ordering::SeqCst);
+            return Err(SubmitError::Stopped);
+        }
+        Ok(erx)
+    }
+
+    /// Sequences waiting for a batch slot.
+    pub fn waiting(&self) -> usize {
+        self.waiting.load(Ordering::SeqCst)
+    }
+}

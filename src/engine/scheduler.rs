@@ -1,0 +1,278 @@
+//! The scheduler loop (runs on its own thread): admit, batch, forward, sample, stream, retire.
+
+use super::{EngineConfig, EngineEvent, Submission};
+use crate::generate::SequenceState;
+use crate::model::{KvCache, LoadedModel, LogitsMode, SeqInput};
+use prometheus::{Histogram, HistogramOpts, IntCounter, IntGauge, Registry};
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc};
+use std::time::Instant;
+
+/// Scheduler-side metrics (registered in the server's registry).
+pub struct EngineMetrics {
+    pub batch_size: Histogram,
+    pub running: IntGauge,
+    pub waiting: IntGauge,
+    pub queue_wait: Histogram,
+    pub time_to_first_token: Histogram,
+    pub inter_token_latency: Histogram,
+    pub cancelled: IntCounter,
+    pub kv_cache_bytes: IntGauge,
+}
+
+impl EngineMetrics {
+    pub fn new(registry: &Registry) -> prometheus::Result<Self> {
+        let hist = |name: &str, help: &str, buckets: Vec<f64>| -> prometheus::Result<Histogram> {
+            let h = Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets))?;
+            registry.register(Box::new(h.clone()))?;
+            Ok(h)
+        };
+        let gauge = |name: &str, help: &str| -> prometheus::Result<IntGauge> {
+            let g = IntGauge::new(name, help)?;
+            registry.register(Box::new(g.clone()))?;
+            Ok(g)
+        };
+        let secs = prometheus::exponential_buckets(0.001, 2.0, 16)?;
+        let cancelled = IntCounter::new(
+            "loraplex_cancelled_sequences_total",
+            "Sequences stopped because their client disconnected",
+        )?;
+        registry.register(Box::new(cancelled.clone()))?;
+        Ok(Self {
+            batch_size: hist(
+                "loraplex_batch_size",
+                "Sequences in each forward step",
+                vec![1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0],
+            )?,
+            running: gauge(
+                "loraplex_running_sequences",
+                "Sequences in the running batch",
+            )?,
+            waiting: gauge(
+                "loraplex_waiting_sequences",
+                "Sequences waiting for a batch slot",
+            )?,
+            queue_wait: hist(
+                "loraplex_queue_wait_seconds",
+                "Time from submission to admission",
+                secs.clone(),
+            )?,
+            time_to_first_token: hist(
+                "loraplex_time_to_first_token_seconds",
+                "Time from submission to the first generated token",
+                secs.clone(),
+            )?,
+            inter_token_latency: hist(
+                "loraplex_inter_token_latency_seconds",
+                "Time between consecutive tokens of a sequence",
+                secs,
+            )?,
+            cancelled,
+            kv_cache_bytes: gauge(
+                "loraplex_kv_cache_bytes",
+                "Bytes held by running sequences' KV caches",
+            )?,
+        })
+    }
+}
+
+/// A sequence in the running batch.
+struct Running {
+    sub: Submission,
+    state: SequenceState,
+    cache: KvCache,
+    /// Prompt tokens not yet prefilled.
+    prefilled: usize,
+    /// The token to feed next (after prefill).
+    next: Option<u32>,
+    last_token_at: Option<Instant>,
+}
+
+pub(super) fn run(
+    model: Arc<LoadedModel>,
+    cfg: EngineConfig,
+    rx: mpsc::Receiver<Submission>,
+    waiting_count: Arc<AtomicUsize>,
+    metrics: Arc<EngineMetrics>,
+) {
+    let mut waiting: VecDeque<Submission> = VecDeque::new();
+    let mut running: Vec<Running> = Vec::new();
+    loop {
+        // Block when idle; otherwise take whatever has arrived.
+        if running.is_empty() && waiting.is_empty() {
+            match rx.recv() {
+                Ok(s) => waiting.push_back(s),
+                Err(_) => return,
+            }
+        }
+        while let Ok(s) = rx.try_recv() {
+            waiting.push_back(s);
+        }
+        // Drop sequences whose client went away (their receiver is gone).
+        let before = running.len();
+        running.retain(|r| !r.sub.events.is_closed());
+        let gone_waiting = waiting.len();
+        waiting.retain(|s| !s.events.is_closed());
+        let dropped_waiting = gone_waiting - waiting.len();
+        if dropped_waiting > 0 {
+            waiting_count.fetch_sub(dropped_waiting, Ordering::SeqCst);
+        }
+        metrics
+            .cancelled
+            .inc_by((before - running.len() + dropped_waiting) as u64);
+        // Admit.
+        while running.len() < cfg.max_batch_size {
+            let Some(sub) = waiting.pop_front() else {
+                break;
+            };
+            waiting_count.fetch_sub(1, Ordering::SeqCst);
+            metrics
+                .queue_wait
+                .observe(sub.submitted.elapsed().as_secs_f64());
+            match SequenceState::new(
+                sub.req.params.clone(),
+                model.eos_ids.clone(),
+                model.tokenizer.as_ref(),
+            ) {
+                Ok(state) => running.push(Running {
+                    state,
+                    cache: model.llama.new_cache(),
+                    prefilled: 0,
+                    next: None,
+                    last_token_at: None,
+                    sub,
+                }),
+                Err(e) => {
+                    let _ = sub.events.send(EngineEvent::Error(format!("{e:#}")));
+                }
+            }
+        }
+        metrics.waiting.set(waiting.len() as i64);
+        metrics.running.set(running.len() as i64);
+        if running.is_empty() {
+            continue;
+        }
+        step(&model, &cfg, &mut running, &metrics);
+        metrics
+            .kv_cache_bytes
+            .set(running.iter().map(|r| r.cache.bytes()).sum::<usize>() as i64);
+        metrics.running.set(running.len() as i64);
+    }
+}
+
+/// One batched forward over the running sequences, then sampling and retiring.
+fn step(
+    model: &LoadedModel,
+    cfg: &EngineConfig,
+    running: &mut Vec<Running>,
+    metrics: &EngineMetrics,
+) {
+    // Decide each sequence's tokens for this step.
+    let mut budget = cfg.prefill_chunk.max(1);
+    let mut plan: Vec<(usize, Vec<u32>, bool)> = Vec::new(); // (index, tokens, completes prefill)
+    for (i, r) in running.iter().enumerate() {
+        if let Some(t) = r.next {
+            plan.push((i, vec![t], true));
+        } else if budget > 0 {
+            let prompt = &r.sub.req.prompt_ids;
+            let n = (prompt.len() - r.prefilled).min(budget);
+            budget -= n;
+            plan.push((
+                i,
+                prompt[r.prefilled..r.prefilled + n].to_vec(),
+                r.prefilled + n == prompt.len(),
+            ));
+        }
+    }
+    if plan.is_empty() {
+        return;
+    }
+    metrics.batch_size.observe(plan.len() as f64);
+    let logits = {
+        let mut slots: Vec<Option<&mut Running>> = running.iter_mut().map(Some).collect();
+        let mut seqs: Vec<SeqInput> = Vec::with_capacity(plan.len());
+        for (i, toks, _) in &plan {
+            let Some(r) = slots[*i].take() else { continue };
+            seqs.push(SeqInput {
+                tokens: toks,
+                cache: &mut r.cache,
+                lora: r.sub.req.lora.clone(),
+            });
+        }
+        model.llama.forward(&mut seqs, LogitsMode::Last)
+    };
+    let logits = match logits {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!("forward step failed: {e}");
+            for (i, _, _) in &plan {
+                let _ = running[*i]
+                    .sub
+                    .events
+                    .send(EngineEvent::Error(format!("inference failed: {e}")));
+            }
+            let failed: Vec<usize> = plan.iter().map(|p| p.0).collect();
+            let mut idx = 0;
+            running.retain(|_| {
+                idx += 1;
+                !failed.contains(&(idx - 1))
+            });
+            return;
+        }
+    };
+    let mut finished = vec![false; running.len()];
+    for (row, (i, toks, completes)) in plan.iter().enumerate() {
+        let r = &mut running[*i];
+        if r.next.is_none() {
+            r.prefilled += toks.len();
+        }
+        if !completes {
+            continue;
+        }
+        let out = logits
+            .get(row)
+            .map_err(anyhow::Error::from)
+            .and_then(|l| r.state.step(&l));
+        let now = Instant::now();
+        match out {
+            Ok(out) => {
+                match r.last_token_at {
+                    None => metrics
+                        .time_to_first_token
+                        .observe(now.duration_since(r.sub.submitted).as_secs_f64()),
+                    Some(t) => metrics
+                        .inter_token_latency
+                        .observe(now.duration_since(t).as_secs_f64()),
+                }
+                r.last_token_at = Some(now);
+                r.next = Some(out.token);
+                let _ = r.sub.events.send(EngineEvent::Token {
+                    id: out.token,
+                    text: out.text,
+                    logprob: out.logprob,
+                });
+                if let Some(reason) = out.finish {
+                    let _ = r.sub.events.send(EngineEvent::Done {
+                        reason,
+                        prompt_tokens: r.sub.req.prompt_ids.len(),
+                        completion_tokens: r.state.ids.len(),
+                    });
+                    finished[*i] = true;
+                }
+            }
+            Err(e) => {
+                let _ = r
+                    .sub
+                    .events
+                    .send(EngineEvent::Error(format!("sampling failed: {e:#}")));
+                finished[*i] = true;
+            }
+        }
+    }
+    let mut idx = 0;
+    running.retain(|_| {
+        idx += 1;
+        !finished[idx - 1]
+    });
+}

@@ -1,0 +1,140 @@
+//! Models, adapter admin, health and metrics routes.
+
+use super::errors::ApiError;
+use super::openai::parse_body;
+use super::Shared;
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::http::header;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::Deserialize;
+use serde_json::json;
+
+/// `GET /v1/models`: the base and every adapter (adapters with `parent` = the base id).
+pub async fn models(State(state): State<Shared>) -> Response {
+    let base = state.base_id().to_string();
+    let card = |id: &str, parent: Option<&str>| {
+        json!({"id": id, "object": "model", "created": state.started, "owned_by": "loraplex",
+               "root": base, "parent": parent})
+    };
+    let data = match &state.merged {
+        Some(m) => vec![card(&m.name, None)],
+        None => {
+            let mut d = vec![card(&base, None)];
+            for a in state.adapters.list().await {
+                d.push(card(&a.name, Some(&base)));
+            }
+            d
+        }
+    };
+    Json(json!({"object": "list", "data": data})).into_response()
+}
+
+pub async fn list_adapters(State(state): State<Shared>) -> Response {
+    Json(json!({"object": "list", "data": state.adapters.list().await})).into_response()
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RegisterBody {
+    name: String,
+    path: String,
+}
+
+fn merged_refusal(state: &Shared) -> Result<(), ApiError> {
+    match &state.merged {
+        Some(m) => Err(ApiError::invalid(
+            None,
+            format!(
+                "this server runs `{}` merged; adapters cannot be changed",
+                m.name
+            ),
+        )),
+        None => Ok(()),
+    }
+}
+
+/// `POST /v1/adapters {name, path}`: register (or replace) and load an adapter.
+pub async fn register_adapter(
+    State(state): State<Shared>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    merged_refusal(&state)?;
+    let b: RegisterBody = parse_body(&body)?;
+    let summary = state.adapters.register(&b.name, &b.path).await?;
+    tracing::info!(adapter = %b.name, path = %summary.path.display(), "adapter registered");
+    Ok(Json(summary).into_response())
+}
+
+/// `DELETE /v1/adapters/{name}`.
+pub async fn delete_adapter(
+    State(state): State<Shared>,
+    Path(name): Path<String>,
+) -> Result<Response, ApiError> {
+    merged_refusal(&state)?;
+    state
+        .adapters
+        .remove(&name)
+        .await
+        .map_err(|_| ApiError::not_found(format!("adapter `{name}` does not exist")))?;
+    Ok(Json(json!({"name": name, "deleted": true})).into_response())
+}
+
+#[derive(Deserialize)]
+struct VllmLoad {
+    lora_name: String,
+    lora_path: String,
+}
+
+#[derive(Deserialize)]
+struct VllmUnload {
+    lora_name: String,
+}
+
+/// vLLM's `POST /v1/load_lora_adapter {lora_name, lora_path}`.
+pub async fn vllm_load(State(state): State<Shared>, body: Bytes) -> Result<Response, ApiError> {
+    merged_refusal(&state)?;
+    let b: VllmLoad = parse_body(&body)?;
+    state.adapters.register(&b.lora_name, &b.lora_path).await?;
+    Ok(format!(
+        "Success: LoRA adapter '{}' added successfully.",
+        b.lora_name
+    )
+    .into_response())
+}
+
+/// vLLM's `POST /v1/unload_lora_adapter {lora_name}`.
+pub async fn vllm_unload(State(state): State<Shared>, body: Bytes) -> Result<Response, ApiError> {
+    merged_refusal(&state)?;
+    let b: VllmUnload = parse_body(&body)?;
+    state
+        .adapters
+        .remove(&b.lora_name)
+        .await
+        .map_err(|_| ApiError::not_found(format!("adapter `{}` does not exist", b.lora_name)))?;
+    Ok(format!(
+        "Success: LoRA adapter '{}' removed successfully.",
+        b.lora_name
+    )
+    .into_response())
+}
+
+pub async fn health(State(state): State<Shared>) -> Response {
+    Json(json!({"status": "ok", "model": state.base_id(), "waiting": state.engine.waiting()}))
+        .into_response()
+}
+
+pub async fn metrics(State(state): State<Shared>) -> Response {
+    // Refresh cache gauges before rendering.
+    let _ = state.adapters.list().await;
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        state.metrics.render(),
+    )
+        .into_response()
+}
+
+pub async fn fallback() -> ApiError {
+    ApiError::not_found("no such route")
+}

@@ -1,0 +1,92 @@
+//! `loraplex serve` settings: a TOML file (`configs/default.toml` documents every key) with
+//! command-line flags on top.
+
+use anyhow::{Context, Result};
+use serde::Deserialize;
+use std::path::{Path, PathBuf};
+
+/// Everything `serve` needs. Every field is a TOML key of the same name.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServeConfig {
+    /// Base model: HF folder, .gguf file or hub id; unset = the default model.
+    pub model: Option<String>,
+    pub host: String,
+    pub port: u16,
+    /// Folder whose subfolders are PEFT adapters, named by the folder.
+    pub adapters_dir: PathBuf,
+    /// Let `POST /v1/adapters` register paths outside `adapters_dir`.
+    pub allow_adapter_paths_outside: bool,
+    /// Adapters to load at start-up.
+    pub preload: Vec<String>,
+    /// Serve these adapters merged into the base (`name` or `name:weight`).
+    pub merge: Vec<String>,
+    /// Byte cap of the loaded-adapter cache.
+    pub adapter_cache_bytes: u64,
+    /// Most sequences per forward step.
+    pub max_batch_size: usize,
+    /// Most requests waiting for a batch slot (beyond: 429).
+    pub max_waiting: usize,
+    /// Most prompt tokens prefilled per step.
+    pub prefill_chunk: usize,
+    /// Bearer key every `/v1` route needs (unset = open). `LORAPLEX_API_KEY` also sets it.
+    pub api_key: Option<String>,
+    /// Bearer key for adapter admin routes (unset = `api_key`). `LORAPLEX_ADMIN_KEY` also sets it.
+    pub admin_key: Option<String>,
+}
+
+impl Default for ServeConfig {
+    fn default() -> Self {
+        Self {
+            model: None,
+            host: "127.0.0.1".into(),
+            port: 8000,
+            adapters_dir: PathBuf::from("adapters"),
+            allow_adapter_paths_outside: false,
+            preload: Vec::new(),
+            merge: Vec::new(),
+            adapter_cache_bytes: 1 << 30,
+            max_batch_size: 32,
+            max_waiting: 256,
+            prefill_chunk: 256,
+            api_key: None,
+            admin_key: None,
+        }
+    }
+}
+
+impl ServeConfig {
+    /// Reads a TOML config file; unknown keys are errors.
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read config {}", path.display()))?;
+        toml::from_str(&text).with_context(|| format!("config {} is not valid", path.display()))
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        anyhow::ensure!(
+            self.max_batch_size >= 1,
+            "max_batch_size must be at least 1"
+        );
+        anyhow::ensure!(self.prefill_chunk >= 1, "prefill_chunk must be at least 1");
+        anyhow::ensure!(
+            self.adapter_cache_bytes >= 1,
+            "adapter_cache_bytes must be positive"
+        );
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shipped_default_config_parses_and_unknown_keys_fail() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/default.toml");
+        let c = ServeConfig::from_file(&path).unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.port, 8000);
+        assert!(toml::from_str::<ServeConfig>("prot = 1").is_err());
+    }
+}

@@ -1,0 +1,54 @@
+//! Request-level Prometheus metrics and the registry that all server metrics live in.
+
+use prometheus::{IntCounterVec, IntGauge, Opts, Registry};
+
+/// Counters by adapter label.
+pub struct ServerMetrics {
+    pub registry: Registry,
+    pub requests: IntCounterVec,
+    pub prompt_tokens: IntCounterVec,
+    pub generated_tokens: IntCounterVec,
+    pub base_bytes: IntGauge,
+}
+
+impl ServerMetrics {
+    pub fn new() -> prometheus::Result<Self> {
+        let registry = Registry::new();
+        let vec = |name: &str, help: &str, labels: &[&str]| -> prometheus::Result<IntCounterVec> {
+            let c = IntCounterVec::new(Opts::new(name, help), labels)?;
+            registry.register(Box::new(c.clone()))?;
+            Ok(c)
+        };
+        let base_bytes = IntGauge::new(
+            "loraplex_base_model_bytes",
+            "Bytes of the resident base weights",
+        )?;
+        registry.register(Box::new(base_bytes.clone()))?;
+        Ok(Self {
+            requests: vec(
+                "loraplex_requests_total",
+                "Requests by adapter and HTTP status",
+                &["adapter", "status"],
+            )?,
+            prompt_tokens: vec(
+                "loraplex_prompt_tokens_total",
+                "Prompt tokens by adapter",
+                &["adapter"],
+            )?,
+            generated_tokens: vec(
+                "loraplex_generated_tokens_total",
+                "Generated tokens by adapter",
+                &["adapter"],
+            )?,
+            base_bytes,
+            registry,
+        })
+    }
+
+    /// Prometheus text exposition of every registered metric.
+    pub fn render(&self) -> String {
+        let enc = prometheus::TextEncoder::new();
+        enc.encode_to_string(&self.registry.gather())
+            .unwrap_or_else(|e| format!("# error: {e}\n"))
+    }
+}

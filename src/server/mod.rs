@@ -1,0 +1,254 @@
+//! `loraplex serve`: the OpenAI-compatible HTTP server (axum) in front of the engine.
+//!
+//! Routes: `POST /v1/chat/completions`, `POST /v1/completions`, `GET /v1/models`, adapter admin
+//! (`GET/POST /v1/adapters`, `DELETE /v1/adapters/{name}`, vLLM's `POST /v1/load_lora_adapter` and
+//! `POST /v1/unload_lora_adapter`), `GET /health`, `GET /metrics`.
+
+mod admin;
+mod completions;
+pub mod config;
+mod errors;
+mod metrics;
+mod openai;
+mod resolve;
+mod stream;
+
+pub use config::ServeConfig;
+pub use errors::ApiError;
+
+use crate::adapters::registry_metrics;
+use crate::adapters::AdapterRegistry;
+use crate::engine::{EngineConfig, EngineHandle, EngineMetrics};
+use crate::lora::AdapterSpec;
+use crate::model::LoadedModel;
+use anyhow::{Context, Result};
+use axum::extract::{Request, State};
+use axum::http::Method;
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get, post};
+use axum::Router;
+use metrics::ServerMetrics;
+use std::sync::Arc;
+
+/// The adapter merged into the base at start-up, if any.
+#[derive(Clone, Debug)]
+pub struct MergedMode {
+    /// The name requests use for the merged model (the adapter's name).
+    pub name: String,
+}
+
+/// Shared by every handler.
+pub struct AppState {
+    pub engine: EngineHandle,
+    pub model: Arc<LoadedModel>,
+    pub adapters: Arc<AdapterRegistry>,
+    pub metrics: Arc<ServerMetrics>,
+    pub merged: Option<MergedMode>,
+    pub api_key: Option<String>,
+    pub admin_key: Option<String>,
+    pub started: u64,
+}
+
+impl AppState {
+    /// The id clients use for the base model.
+    pub fn base_id(&self) -> &str {
+        &self.model.id
+    }
+}
+
+type Shared = Arc<AppState>;
+
+fn bearer(req: &Request) -> Option<&str> {
+    req.headers()
+        .get(axum::http::header::AUTHORIZATION)?
+        .to_str()
+        .ok()?
+        .strip_prefix("Bearer ")
+        .map(str::trim)
+}
+
+/// API keys: every `/v1` route needs `api_key`; adapter admin routes need `admin_key` (or
+/// `api_key` when no admin key is set).
+async fn auth(State(state): State<Shared>, req: Request, next: Next) -> Response {
+    let path = req.uri().path();
+    if !path.starts_with("/v1/") {
+        return next.run(req).await;
+    }
+    let admin = path == "/v1/load_lora_adapter"
+        || path == "/v1/unload_lora_adapter"
+        || (path.starts_with("/v1/adapters") && req.method() != Method::GET);
+    let needed = match admin {
+        true => state.admin_key.as_deref().or(state.api_key.as_deref()),
+        false => state.api_key.as_deref(),
+    };
+    if let Some(key) = needed {
+        match bearer(&req) {
+            None => {
+                return ApiError::unauthorized(
+                    "missing API key: send `Authorization: Bearer <key>`",
+                )
+                .into_response()
+            }
+            Some(k) if k != key => {
+                let what = if admin { "admin key" } else { "API key" };
+                return ApiError::unauthorized(format!("invalid {what}")).into_response();
+            }
+            Some(_) => {}
+        }
+    }
+    next.run(req).await
+}
+
+/// The router over a ready state (used by `serve` and by tests).
+pub fn router(state: Shared) -> Router {
+    Router::new()
+        .route("/v1/chat/completions", post(completions::chat))
+        .route("/v1/completions", post(completions::completion))
+        .route("/v1/models", get(admin::models))
+        .route(
+            "/v1/adapters",
+            get(admin::list_adapters).post(admin::register_adapter),
+        )
+        .route("/v1/adapters/{name}", delete(admin::delete_adapter))
+        .route("/v1/load_lora_adapter", post(admin::vllm_load))
+        .route("/v1/unload_lora_adapter", post(admin::vllm_unload))
+        .route("/health", get(admin::health))
+        .route("/metrics", get(admin::metrics))
+        .fallback(admin::fallback)
+        .layer(axum::middleware::from_fn_with_state(state.clone(), auth))
+        .with_state(state)
+}
+
+/// Loads the model and adapters, starts the engine and builds the shared state.
+pub async fn build_state(cfg: &ServeConfig) -> Result<Shared> {
+    cfg.validate()?;
+    let metrics = Arc::new(ServerMetrics::new()?);
+    let model_spec = cfg.model.clone();
+    let merges = cfg.merge.clone();
+    let adapters_dir = cfg.adapters_dir.clone();
+    let (model, merged) = tokio::task::spawn_blocking(move || -> Result<_> {
+        let mut model = crate::model::load(model_spec.as_deref())?;
+        let merged = merge_at_startup(&mut model, &merges, &adapters_dir)?;
+        Ok((model, merged))
+    })
+    .await??;
+    let bytes: usize = model.llama.bytes_by_dtype().iter().map(|(_, b)| b).sum();
+    metrics.base_bytes.set(bytes as i64);
+    let model = Arc::new(model);
+    let adapter_metrics = Arc::new(registry_metrics(&metrics.registry)?);
+    let adapters = Arc::new(AdapterRegistry::new(
+        cfg.adapters_dir.clone(),
+        cfg.allow_adapter_paths_outside,
+        model.llama.cfg.clone(),
+        cfg.adapter_cache_bytes,
+        adapter_metrics,
+    )?);
+    let n = adapters.scan()?;
+    tracing::info!("{n} adapters registered from {}", adapters.dir().display());
+    for name in &cfg.preload {
+        adapters
+            .get(name)
+            .await
+            .map_err(|e| anyhow::anyhow!("preload: {e}"))?;
+    }
+    let engine_metrics = Arc::new(EngineMetrics::new(&metrics.registry)?);
+    let engine = EngineHandle::start(
+        model.clone(),
+        EngineConfig {
+            max_batch_size: cfg.max_batch_size,
+            max_waiting: cfg.max_waiting,
+            prefill_chunk: cfg.prefill_chunk,
+        },
+        engine_metrics,
+    );
+    let started = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    Ok(Arc::new(AppState {
+        engine,
+        model,
+        adapters,
+        metrics,
+        merged,
+        api_key: cfg.api_key.clone().filter(|k| !k.is_empty()),
+        admin_key: cfg.admin_key.clone().filter(|k| !k.is_empty()),
+        started,
+    }))
+}
+
+/// `--merge name[:w]...`: folds those adapters (from the adapters directory) into the base.
+fn merge_at_startup(
+    model: &mut LoadedModel,
+    merges: &[String],
+    dir: &std::path::Path,
+) -> Result<Option<MergedMode>> {
+    if merges.is_empty() {
+        return Ok(None);
+    }
+    let mut specs = Vec::new();
+    for m in merges {
+        let spec: AdapterSpec = m.parse()?;
+        let name = spec.name()?;
+        anyhow::ensure!(
+            crate::adapters::valid_name(&name),
+            "--merge: invalid adapter name `{name}`"
+        );
+        specs.push(AdapterSpec {
+            dir: dir.join(&name),
+            weight: spec.weight,
+        });
+    }
+    let stack = crate::cli::load_stack(model, &specs)?.context("no adapters to merge")?;
+    stack.merge_into(&mut model.llama)?;
+    let name = stack.label();
+    tracing::info!("serving `{name}` merged into the base");
+    Ok(Some(MergedMode { name }))
+}
+
+/// Runs the server until SIGINT/SIGTERM.
+pub async fn serve(cfg: ServeConfig) -> Result<()> {
+    let state = build_state(&cfg).await?;
+    let listener = tokio::net::TcpListener::bind((cfg.host.as_str(), cfg.port))
+        .await
+        .with_context(|| format!("cannot listen on {}:{}", cfg.host, cfg.port))?;
+    let addr = listener.local_addr()?;
+    let served = match &state.merged {
+        Some(m) => format!("`{}` merged into {}", m.name, state.model.id),
+        None => format!(
+            "{} with adapters from {}",
+            state.model.id,
+            state.adapters.dir().display()
+        ),
+    };
+    // One machine-readable line (tests and scripts read the port from it).
+    println!("loraplex listening on http://{addr} serving {served}");
+    axum::serve(listener, router(state))
+        .with_graceful_shutdown(shutdown_signal())
+        .await
+        .context("server error")?;
+    eprintln!("loraplex: shut down");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+}
