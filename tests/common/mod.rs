@@ -1,6 +1,8 @@
 //! Helpers shared by the integration tests: fixture paths and the golden file.
 #![allow(dead_code)]
 
+pub mod server;
+
 use serde_json::Value;
 use std::path::PathBuf;
 
@@ -100,6 +102,19 @@ pub fn llama_cpp_permute(w: &[f32], rows: usize, cols: usize, heads: usize) -> V
 /// 256-token byte-level tokenizer whose pre-tokenizer is `pre`). Without `lm_head` the file has
 /// no `output.weight` (tied embeddings).
 pub fn write_tiny_gguf(path: &std::path::Path, pre: &str, lm_head: bool) {
+    write_tiny_gguf_with(path, pre, lm_head, None)
+}
+
+/// A chat template for the byte-level tiny model.
+pub const TINY_CHAT_TEMPLATE: &str = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}";
+
+/// `write_tiny_gguf` with an optional `tokenizer.chat_template`.
+pub fn write_tiny_gguf_with(
+    path: &std::path::Path,
+    pre: &str,
+    lm_head: bool,
+    chat_template: Option<&str>,
+) {
     use candle_core::quantized::{gguf_file::Value, GgmlDType, QTensor};
     use candle_core::{Device, Tensor};
     let cfg: Value2 =
@@ -213,6 +228,10 @@ pub fn write_tiny_gguf(path: &std::path::Path, pre: &str, lm_head: bool) {
         ("tokenizer.ggml.bos_token_id", Value::U32(1)),
         ("tokenizer.ggml.eos_token_id", Value::U32(2)),
     ];
+    let mut md = md;
+    if let Some(t) = chat_template {
+        md.push(("tokenizer.chat_template", Value::String(t.into())));
+    }
     let md_refs: Vec<(&str, &Value)> = md.iter().map(|(k, v)| (*k, v)).collect();
     let t_refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
     let mut f = std::fs::File::create(path).unwrap();
@@ -220,3 +239,34 @@ pub fn write_tiny_gguf(path: &std::path::Path, pre: &str, lm_head: bool) {
 }
 
 type Value2 = serde_json::Value;
+
+/// Copies a folder's files (one level).
+pub fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+    }
+}
+
+/// Copies fixture adapter `from` to `dir/name` with every lora_B multiplied by `factor`
+/// (a distinct adapter of the same shapes).
+pub fn scaled_adapter(from: &str, dir: &std::path::Path, name: &str, factor: f64) -> PathBuf {
+    let out = dir.join(name);
+    copy_dir(&tiny_adapter(from), &out);
+    let dev = candle_core::Device::Cpu;
+    let st = candle_core::safetensors::load(out.join("adapter_model.safetensors"), &dev).unwrap();
+    let scaled: std::collections::HashMap<String, candle_core::Tensor> = st
+        .into_iter()
+        .map(|(k, t)| {
+            let t = if k.contains("lora_B") {
+                (t * factor).unwrap()
+            } else {
+                t
+            };
+            (k, t)
+        })
+        .collect();
+    candle_core::safetensors::save(&scaled, out.join("adapter_model.safetensors")).unwrap();
+    out
+}

@@ -1,0 +1,577 @@
+//! `loraplex serve` end to end over HTTP on the tiny fixture model (as a GGUF with a byte-level
+//! tokenizer and a chat template): batching equals `generate`, the official `openai` client,
+//! bad input, adapter admin, cache churn, disconnects, merged mode, auth and backpressure.
+
+mod common;
+
+use common::server::{assert_error, Server};
+use common::*;
+use serde_json::{json, Value};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+struct Fixture {
+    _dir: tempfile::TempDir,
+    model: PathBuf,
+    adapters: PathBuf,
+}
+
+/// tiny.gguf + an adapters dir with attn-r4, all-r8, rslora-r16 and neg-attn (attn-r4 with -B).
+fn fixture() -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("tiny.gguf");
+    write_tiny_gguf_with(&model, "smollm", true, Some(TINY_CHAT_TEMPLATE));
+    let adapters = dir.path().join("adapters");
+    for a in ["attn-r4", "all-r8", "rslora-r16"] {
+        copy_dir(&tiny_adapter(a), &adapters.join(a));
+    }
+    scaled_adapter("attn-r4", &adapters, "neg-attn", -1.0);
+    Fixture {
+        _dir: dir,
+        model,
+        adapters,
+    }
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+impl Fixture {
+    fn serve(&self, extra: &[&str]) -> Server {
+        let mut args = vec![
+            "--model",
+            s(&self.model),
+            "--adapters-dir",
+            s(&self.adapters),
+        ];
+        args.extend_from_slice(extra);
+        Server::start(&args)
+    }
+
+    /// What `loraplex generate` gives alone (greedy, ignoring EOS).
+    fn generate_alone(
+        &self,
+        prompt: &[u32],
+        adapters: &[(&str, f64)],
+        max_tokens: usize,
+    ) -> String {
+        let ids: Vec<String> = prompt.iter().map(u32::to_string).collect();
+        let mut args = vec![
+            "generate".to_string(),
+            "--model".into(),
+            s(&self.model).into(),
+            "--prompt-ids".into(),
+            ids.join(","),
+            "--max-tokens".into(),
+            max_tokens.to_string(),
+            "--ignore-eos".into(),
+            "--json".into(),
+        ];
+        for (name, w) in adapters {
+            args.push("--adapter".into());
+            args.push(format!("{}:{w}", s(&self.adapters.join(name))));
+        }
+        let out = Command::new(bin()).args(&args).output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+        v["text"].as_str().unwrap().to_string()
+    }
+}
+
+const BASE: &str = "tiny";
+
+fn completion(model: &str, prompt: &[u32], max_tokens: usize) -> Value {
+    json!({"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": true})
+}
+
+#[test]
+fn sixteen_concurrent_requests_over_adapters_and_a_stack_equal_generate_alone() {
+    let f = fixture();
+    let server = f.serve(&["--max-batch-size", "16"]);
+    let prompts: Vec<Vec<u32>> = vec![
+        vec![1, 15, 72, 101, 200],
+        vec![1, 33, 7, 250, 128, 64, 9, 77, 4],
+        vec![1, 5, 10, 20],
+    ];
+    // (model field, stack) for each kind of request.
+    let kinds: Vec<(&str, Vec<(&str, f64)>)> = vec![
+        (BASE, vec![]),
+        ("attn-r4", vec![("attn-r4", 1.0)]),
+        ("all-r8", vec![("all-r8", 1.0)]),
+        ("rslora-r16", vec![("rslora-r16", 1.0)]),
+        ("neg-attn", vec![("neg-attn", 1.0)]),
+        (BASE, vec![("attn-r4", 0.7), ("all-r8", 0.5)]),
+    ];
+    let jobs: Vec<(usize, usize)> = (0..16)
+        .map(|i| (i % kinds.len(), i % prompts.len()))
+        .collect();
+    let expected: Vec<String> = jobs
+        .iter()
+        .map(|&(k, p)| f.generate_alone(&prompts[p], &kinds[k].1, 10))
+        .collect();
+    let got: Vec<(u16, Value)> = std::thread::scope(|scope| {
+        let handles: Vec<_> = jobs
+            .iter()
+            .map(|&(k, p)| {
+                let (model, stack) = &kinds[k];
+                let mut body = completion(model, &prompts[p], 10);
+                if stack.len() > 1 {
+                    body["adapters"] = json!(stack
+                        .iter()
+                        .map(|(n, w)| json!({"name": n, "weight": w}))
+                        .collect::<Vec<_>>());
+                }
+                let server = &server;
+                scope.spawn(move || server.post("/v1/completions", &body))
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for (i, (code, body)) in got.iter().enumerate() {
+        assert_eq!(*code, 200, "{body}");
+        assert_eq!(
+            body["choices"][0]["text"].as_str().unwrap(),
+            expected[i],
+            "request {i} ({:?})",
+            kinds[jobs[i].0]
+        );
+        assert_eq!(body["usage"]["completion_tokens"], 10);
+    }
+    // They really were batched together: some step ran more than one sequence.
+    let (_, metrics) = server.get("/metrics");
+    let single: f64 = metrics
+        .lines()
+        .find(|l| l.starts_with("loraplex_batch_size_bucket{le=\"1\"}"))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap();
+    assert!(
+        server.metric("loraplex_batch_size_count") > single,
+        "no multi-sequence step:\n{metrics}"
+    );
+}
+
+#[test]
+fn official_openai_client_against_the_tiny_model() {
+    let python = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python");
+    assert!(
+        python.is_file(),
+        "run scripts/test.sh once: it creates .venv with the openai package"
+    );
+    let f = fixture();
+    let server = f.serve(&[]);
+    let out = Command::new(&python)
+        .arg(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/openai_client.py"))
+        .args([&server.url, BASE, "all-r8"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn bad_input_gets_openai_errors_and_the_server_keeps_serving() {
+    let f = fixture();
+    // A folder whose tensors do not fit the base (picked up at start-up, used by name below).
+    let bad = f.adapters.join("wrong-shape");
+    std::fs::create_dir_all(&bad).unwrap();
+    std::fs::copy(
+        tiny_adapter("attn-r4").join("adapter_config.json"),
+        bad.join("adapter_config.json"),
+    )
+    .unwrap();
+    let dev = candle_core::Device::Cpu;
+    let mut t = std::collections::HashMap::new();
+    for l in 0..2 {
+        for m in ["q_proj", "v_proj"] {
+            let pre = format!("base_model.model.model.layers.{l}.self_attn.{m}");
+            t.insert(
+                format!("{pre}.lora_A.weight"),
+                candle_core::Tensor::zeros((4, 48), candle_core::DType::F32, &dev).unwrap(),
+            );
+            t.insert(
+                format!("{pre}.lora_B.weight"),
+                candle_core::Tensor::zeros((64, 4), candle_core::DType::F32, &dev).unwrap(),
+            );
+        }
+    }
+    candle_core::safetensors::save(&t, bad.join("adapter_model.safetensors")).unwrap();
+    let server = f.serve(&[]);
+    let chat = |extra: Value| {
+        let mut b = json!({"model": BASE, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3});
+        for (k, v) in extra.as_object().unwrap() {
+            b[k] = v.clone();
+        }
+        server.post("/v1/chat/completions", &b)
+    };
+    assert_error(
+        &server.post_raw("/v1/chat/completions", "{not json"),
+        400,
+        "malformed JSON",
+    );
+    assert_error(
+        &server.post_raw("/v1/chat/completions", "[1,2]"),
+        400,
+        "not an object",
+    );
+    assert_error(&chat(json!({"temperature": "hot"})), 400, "wrong type");
+    assert_error(&chat(json!({"messages": "hi"})), 400, "messages not a list");
+    assert_error(&chat(json!({"model": "nope"})), 404, "unknown adapter");
+    assert_eq!(
+        chat(json!({"model": "nope"})).1["error"]["code"],
+        "model_not_found"
+    );
+    assert_error(
+        &chat(json!({"model": "../attn-r4"})),
+        404,
+        "../ in model name",
+    );
+    assert_error(&chat(json!({"max_tokens": 0})), 400, "max_tokens 0");
+    assert_error(&chat(json!({"max_tokens": -5})), 400, "max_tokens negative");
+    assert_error(
+        &chat(json!({"max_tokens": 1_000_000_000})),
+        400,
+        "max_tokens huge",
+    );
+    assert_error(&chat(json!({"temperature": -1})), 400, "temperature < 0");
+    assert_error(&chat(json!({"top_p": 0})), 400, "top_p 0");
+    assert_error(&chat(json!({"n": 0})), 400, "n 0");
+    assert_error(
+        &chat(json!({"logprobs": true, "top_logprobs": 21})),
+        400,
+        "top_logprobs > 20",
+    );
+    assert_error(
+        &chat(json!({"adapters": [{"name": "nope"}]})),
+        404,
+        "unknown stacked adapter",
+    );
+    assert_error(
+        &chat(json!({"messages": [{"role": "tool", "content": "x"}]})),
+        400,
+        "bad role",
+    );
+    let long: Vec<u32> = (0..300).map(|i| (i % 250) as u32 + 3).collect();
+    assert_error(
+        &server.post("/v1/completions", &completion(BASE, &long, 4)),
+        400,
+        "prompt over the context",
+    );
+    assert_error(
+        &server.post("/v1/completions", &completion(BASE, &[1, 999], 4)),
+        400,
+        "token outside vocab",
+    );
+    // Adapter admin: traversal in names and paths, a shape-mismatched adapter.
+    assert_error(
+        &server.post("/v1/adapters", &json!({"name": "../x", "path": "attn-r4"})),
+        400,
+        "../ in name",
+    );
+    assert_error(
+        &server.post(
+            "/v1/adapters",
+            &json!({"name": "x", "path": "../adapters/attn-r4"}),
+        ),
+        400,
+        "../ in path",
+    );
+    assert_error(
+        &server.post("/v1/adapters", &json!({"name": "x", "path": "/etc"})),
+        400,
+        "outside the dir",
+    );
+    let r = server.post(
+        "/v1/adapters",
+        &json!({"name": "wrong", "path": "wrong-shape"}),
+    );
+    assert_error(&r, 400, "shape mismatch");
+    assert!(
+        r.1["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("[4, 48]"),
+        "{}",
+        r.1
+    );
+    // Using the bad folder by name fails that request only.
+    let r = server.post("/v1/completions", &completion("wrong-shape", &[1, 2, 3], 2));
+    assert_error(&r, 400, "bad adapter used by name");
+    assert_error(
+        &server.post("/v1/unload_lora_adapter", &json!({"lora_name": "nope"})),
+        404,
+        "unload unknown",
+    );
+    assert_error(
+        &server.post("/v1/nothing", &json!({})),
+        404,
+        "unknown route",
+    );
+    // Still serving.
+    let (code, body) = chat(json!({}));
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(body["choices"][0]["message"]["role"], "assistant");
+    assert!(server.metric("loraplex_requests_total{adapter=\"invalid\",status=\"400\"}") >= 5.0);
+}
+
+#[test]
+fn api_keys_protect_v1_and_admin_routes() {
+    let f = fixture();
+    let server = f.serve(&["--api-key", "user-key", "--admin-key", "admin-key"]);
+    let body = completion(BASE, &[1, 2, 3], 2);
+    assert_error(&server.post("/v1/completions", &body), 401, "missing key");
+    assert_error(
+        &server.post_with("/v1/completions", &body, Some("wrong")),
+        401,
+        "wrong key",
+    );
+    assert_eq!(
+        server
+            .post_with("/v1/completions", &body, Some("user-key"))
+            .0,
+        200
+    );
+    let reg = json!({"name": "again", "path": "attn-r4"});
+    assert_error(
+        &server.post_with("/v1/adapters", &reg, Some("user-key")),
+        401,
+        "user key on admin route",
+    );
+    assert_eq!(
+        server.post_with("/v1/adapters", &reg, Some("admin-key")).0,
+        200
+    );
+    assert_eq!(server.get("/health").0, 200, "health stays open");
+}
+
+#[test]
+fn adapter_admin_register_replace_list_delete_and_vllm_routes() {
+    let f = fixture();
+    let server = f.serve(&[]);
+    let (code, list) = server.get("/v1/adapters");
+    assert_eq!(code, 200);
+    let list: Value = serde_json::from_str(&list).unwrap();
+    assert!(list["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|a| a["state"] == "on-disk"));
+    let prompt = [1u32, 15, 72, 101, 200];
+    // Register attn-r4 under a new name: same output as attn-r4.
+    let (code, s) = server.post("/v1/adapters", &json!({"name": "legal", "path": "attn-r4"}));
+    assert_eq!(code, 200, "{s}");
+    assert_eq!(
+        (s["rank"].clone(), s["state"].clone()),
+        (json!(4), json!("loaded"))
+    );
+    let want = f.generate_alone(&prompt, &[("attn-r4", 1.0)], 6);
+    let got = server
+        .post("/v1/completions", &completion("legal", &prompt, 6))
+        .1;
+    assert_eq!(got["choices"][0]["text"], want.as_str());
+    // Replace it with neg-attn: new version, new output.
+    let (code, s2) = server.post(
+        "/v1/adapters",
+        &json!({"name": "legal", "path": "neg-attn"}),
+    );
+    assert_eq!(code, 200);
+    assert!(s2["version"].as_u64() > s["version"].as_u64());
+    let want2 = f.generate_alone(&prompt, &[("neg-attn", 1.0)], 6);
+    let got2 = server
+        .post("/v1/completions", &completion("legal", &prompt, 6))
+        .1;
+    assert_eq!(got2["choices"][0]["text"], want2.as_str());
+    // /v1/models lists it with the base as parent.
+    let (_, models) = server.get("/v1/models");
+    let models: Value = serde_json::from_str(&models).unwrap();
+    let legal = models["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["id"] == "legal")
+        .unwrap();
+    assert_eq!(legal["parent"], BASE);
+    // Delete → 404 afterwards.
+    assert_eq!(server.delete("/v1/adapters/legal").0, 200);
+    assert_error(
+        &server.post("/v1/completions", &completion("legal", &prompt, 2)),
+        404,
+        "deleted adapter",
+    );
+    // vLLM's routes.
+    let r = server.post(
+        "/v1/load_lora_adapter",
+        &json!({"lora_name": "med", "lora_path": "all-r8"}),
+    );
+    assert_eq!(r.0, 200, "{}", r.1);
+    assert_eq!(
+        server
+            .post("/v1/completions", &completion("med", &prompt, 2))
+            .0,
+        200
+    );
+    assert_eq!(
+        server
+            .post("/v1/unload_lora_adapter", &json!({"lora_name": "med"}))
+            .0,
+        200
+    );
+    assert_error(
+        &server.post("/v1/completions", &completion("med", &prompt, 2)),
+        404,
+        "unloaded",
+    );
+}
+
+#[test]
+fn cache_of_two_adapters_churns_through_six_with_correct_output() {
+    let f = fixture();
+    let names = ["c0", "c1", "c2", "c3", "c4", "c5"];
+    for (i, n) in names.iter().enumerate() {
+        scaled_adapter("all-r8", &f.adapters, n, 0.5 + 0.25 * i as f64);
+    }
+    // all-r8 holds 65536 bytes of f32 tensors: room for two.
+    let server = f.serve(&["--adapter-cache-bytes", "140000", "--max-batch-size", "8"]);
+    let prompt = [1u32, 33, 7, 250];
+    let want: Vec<String> = names
+        .iter()
+        .map(|n| f.generate_alone(&prompt, &[(n, 1.0)], 5))
+        .collect();
+    std::thread::scope(|scope| {
+        for client in 0..4 {
+            let (server, want) = (&server, &want);
+            scope.spawn(move || {
+                for round in 0..6 {
+                    let i = (client + round) % names.len();
+                    let (code, body) =
+                        server.post("/v1/completions", &completion(names[i], &prompt, 5));
+                    assert_eq!(code, 200, "{body}");
+                    assert_eq!(
+                        body["choices"][0]["text"],
+                        want[i].as_str(),
+                        "adapter {}",
+                        names[i]
+                    );
+                }
+            });
+        }
+    });
+    assert!(
+        server.metric("loraplex_adapter_cache_evictions_total") >= 1.0,
+        "no evictions counted"
+    );
+    assert!(server.metric("loraplex_adapter_cache_bytes") <= 140000.0);
+    assert!(server.metric("loraplex_adapter_cache_misses_total") >= 6.0);
+}
+
+#[test]
+fn a_streaming_client_that_disconnects_frees_its_slot() {
+    use std::io::{BufRead, BufReader, Write};
+    let f = fixture();
+    let server = f.serve(&[]);
+    let addr = server.url.trim_start_matches("http://").to_string();
+    let body = json!({"model": BASE, "prompt": [1, 2, 3], "max_tokens": 240, "temperature": 0,
+                      "ignore_eos": true, "stream": true})
+    .to_string();
+    {
+        let mut sock = std::net::TcpStream::connect(&addr).unwrap();
+        write!(sock, "POST /v1/completions HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", body.len()).unwrap();
+        let mut reader = BufReader::new(sock.try_clone().unwrap());
+        let mut data_lines = 0;
+        let mut line = String::new();
+        while data_lines < 3 {
+            line.clear();
+            assert!(
+                reader.read_line(&mut line).unwrap() > 0,
+                "stream ended early"
+            );
+            if line.starts_with("data:") {
+                data_lines += 1;
+            }
+        }
+        sock.shutdown(std::net::Shutdown::Both).unwrap();
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let cancelled = server.metric("loraplex_cancelled_sequences_total");
+        let running = server.metric("loraplex_running_sequences");
+        if cancelled >= 1.0 && running == 0.0 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "slot not freed: cancelled {cancelled}, running {running}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert!(
+        server.metric("loraplex_generated_tokens_total") < 240.0
+            || server.metric("loraplex_requests_total{adapter=\"base\",status=\"499\"}") >= 1.0
+    );
+    assert_eq!(
+        server
+            .post("/v1/completions", &completion(BASE, &[1, 2], 2))
+            .0,
+        200
+    );
+}
+
+#[test]
+fn merged_mode_serves_the_merged_adapter_and_refuses_others() {
+    let f = fixture();
+    let server = f.serve(&["--merge", "all-r8"]);
+    let prompt = [1u32, 15, 72, 101, 200];
+    let want = f.generate_alone(&prompt, &[("all-r8", 1.0)], 8);
+    let (code, body) = server.post("/v1/completions", &completion("all-r8", &prompt, 8));
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(body["choices"][0]["text"], want.as_str());
+    let r = server.post("/v1/completions", &completion(BASE, &prompt, 2));
+    assert_error(&r, 404, "base in merged mode");
+    assert!(r.1["error"]["message"].as_str().unwrap().contains("merged"));
+    assert_error(
+        &server.post("/v1/completions", &completion("attn-r4", &prompt, 2)),
+        404,
+        "other adapter",
+    );
+    let (_, models) = server.get("/v1/models");
+    let models: Value = serde_json::from_str(&models).unwrap();
+    assert_eq!(models["data"].as_array().unwrap().len(), 1);
+    assert_eq!(models["data"][0]["id"], "all-r8");
+}
+
+#[test]
+fn a_full_queue_answers_429_with_retry_after() {
+    let f = fixture();
+    let server = f.serve(&["--max-batch-size", "1", "--max-waiting", "1"]);
+    let codes: Vec<u16> = std::thread::scope(|scope| {
+        let hs: Vec<_> = (0..6)
+            .map(|_| {
+                let server = &server;
+                scope.spawn(move || {
+                    server.post("/v1/completions", &completion(BASE, &[1, 2, 3], 200))
+                })
+            })
+            .collect();
+        hs.into_iter()
+            .map(|h| {
+                let (code, body) = h.join().unwrap();
+                if code == 429 {
+                    assert_eq!(body["error"]["type"], "rate_limit_error");
+                }
+                code
+            })
+            .collect()
+    });
+    assert!(codes.contains(&429), "{codes:?}");
+    assert!(codes.contains(&200), "{codes:?}");
+    let resp = ureq::get(&format!("{}/health", server.url)).call().unwrap();
+    assert_eq!(resp.status(), 200);
+}
