@@ -18,4 +18,5 @@ WORKDIR /opt/loraplex
 ENV LORAPLEX_CACHE=/var/cache/loraplex
 VOLUME /var/cache/loraplex
 ENTRYPOINT ["loraplex"]
-CMD ["generate", "--chat", "What is the capital of France?"]
+EXPOSE 8000
+CMD ["serve", "--host", "0.0.0.0", "--port", "8000"]
