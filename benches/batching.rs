@@ -1,0 +1,96 @@
+//! Aggregate decode throughput of continuous batching on the default model: N sequences decoding
+//! together in one forward per step, all on the base, or spread over 4 different adapters (r=16,
+//! all seven linear modules) — the multi-adapter case llama.cpp cannot batch.
+//!
+//! `cargo bench --bench batching`. Knobs: `LORAPLEX_BENCH_BATCHES` (default "1,4,16,32"),
+//! `LORAPLEX_BENCH_STEPS` (decode steps measured, default 16).
+
+use anyhow::Result;
+use candle_core::{Device, Tensor};
+use loraplex::lora::{LoraAdapter, LoraStack};
+use loraplex::model::{self, LoadedModel, LogitsMode, Proj, SeqInput};
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Instant;
+
+fn write_adapter(dir: &Path, m: &LoadedModel, r: usize, seed: f64) -> Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let cfg = &m.llama.cfg;
+    let mut t = HashMap::new();
+    for l in 0..cfg.num_hidden_layers {
+        for p in Proj::ALL {
+            let (i, o) = p.in_out(cfg);
+            let pre = format!("base_model.model.model.layers.{l}.{}.{}", p.parent(), p.name());
+            let wave = |n: usize, s: f64| -> Result<Tensor> {
+                Ok(((Tensor::arange(0f32, n as f32, &Device::Cpu)? * s)?.sin()? * 0.02)?)
+            };
+            t.insert(format!("{pre}.lora_A.weight"), wave(r * i, seed + l as f64)?.reshape((r, i))?);
+            t.insert(format!("{pre}.lora_B.weight"), wave(o * r, seed * 1.3 + l as f64)?.reshape((o, r))?);
+        }
+    }
+    candle_core::safetensors::save(&t, dir.join("adapter_model.safetensors"))?;
+    let targets: Vec<&str> = Proj::ALL.iter().map(|p| p.name()).collect();
+    let config = serde_json::json!({"peft_type": "LORA", "r": r, "lora_alpha": 2 * r,
+        "target_modules": targets, "bias": "none"});
+    std::fs::write(dir.join("adapter_config.json"), config.to_string())?;
+    Ok(())
+}
+
+/// Tokens per second over `steps` decode steps of `stacks.len()` sequences decoding together.
+fn throughput(m: &LoadedModel, stacks: &[Option<Arc<LoraStack>>], steps: usize) -> Result<f64> {
+    let n = stacks.len();
+    let mut caches: Vec<_> = (0..n).map(|_| m.llama.new_cache()).collect();
+    let prompt: Vec<u32> = (0..32).map(|i| 100 + i).collect();
+    // Prefill each (not measured).
+    let mut next = vec![0u32; n];
+    for (i, c) in caches.iter_mut().enumerate() {
+        let mut s = [SeqInput { tokens: &prompt, cache: c, lora: stacks[i].clone() }];
+        let l = m.llama.forward(&mut s, LogitsMode::Last)?;
+        next[i] = l.argmax(1)?.to_vec1::<u32>()?[0];
+    }
+    let t0 = Instant::now();
+    for _ in 0..steps {
+        let toks: Vec<[u32; 1]> = next.iter().map(|&t| [t]).collect();
+        let mut seqs: Vec<SeqInput> = caches
+            .iter_mut()
+            .zip(&toks)
+            .zip(stacks)
+            .map(|((cache, t), lora)| SeqInput { tokens: t, cache, lora: lora.clone() })
+            .collect();
+        let l = m.llama.forward(&mut seqs, LogitsMode::Last)?;
+        next = l.argmax(1)?.to_vec1::<u32>()?;
+    }
+    Ok((n * steps) as f64 / t0.elapsed().as_secs_f64())
+}
+
+fn main() -> Result<()> {
+    if std::env::args().any(|a| a == "--list") {
+        return Ok(());
+    }
+    let batches: Vec<usize> = std::env::var("LORAPLEX_BENCH_BATCHES")
+        .unwrap_or_else(|_| "1,4,16,32".into())
+        .split(',')
+        .filter_map(|s| s.trim().parse().ok())
+        .collect();
+    let steps: usize = std::env::var("LORAPLEX_BENCH_STEPS").ok().and_then(|s| s.parse().ok()).unwrap_or(16);
+    let m = model::load(None)?;
+    let dir = tempfile::tempdir()?;
+    let layers = m.llama.cfg.num_hidden_layers;
+    let mut stacks = Vec::new();
+    for i in 0..4 {
+        let p = dir.path().join(format!("a{i}"));
+        write_adapter(&p, &m, 16, 0.3 + i as f64)?;
+        let a = Arc::new(LoraAdapter::load(&format!("a{i}"), &p, &m.llama.cfg)?);
+        stacks.push(Some(Arc::new(LoraStack::single(a, layers)?)));
+    }
+    println!("| sequences | base only tok/s | 4 adapters mixed tok/s | mixed vs base |");
+    println!("| ---: | ---: | ---: | ---: |");
+    for &n in &batches {
+        let base = throughput(&m, &vec![None; n], steps)?;
+        let mixed: Vec<_> = (0..n).map(|i| stacks[i % 4].clone()).collect();
+        let mixed = throughput(&m, &mixed, steps)?;
+        println!("| {n} | {base:.1} | {mixed:.1} | {:.2}x |", mixed / base);
+    }
+    Ok(())
+}
