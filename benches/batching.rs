@@ -21,12 +21,22 @@ fn write_adapter(dir: &Path, m: &LoadedModel, r: usize, seed: f64) -> Result<()>
     for l in 0..cfg.num_hidden_layers {
         for p in Proj::ALL {
             let (i, o) = p.in_out(cfg);
-            let pre = format!("base_model.model.model.layers.{l}.{}.{}", p.parent(), p.name());
+            let pre = format!(
+                "base_model.model.model.layers.{l}.{}.{}",
+                p.parent(),
+                p.name()
+            );
             let wave = |n: usize, s: f64| -> Result<Tensor> {
                 Ok(((Tensor::arange(0f32, n as f32, &Device::Cpu)? * s)?.sin()? * 0.02)?)
             };
-            t.insert(format!("{pre}.lora_A.weight"), wave(r * i, seed + l as f64)?.reshape((r, i))?);
-            t.insert(format!("{pre}.lora_B.weight"), wave(o * r, seed * 1.3 + l as f64)?.reshape((o, r))?);
+            t.insert(
+                format!("{pre}.lora_A.weight"),
+                wave(r * i, seed + l as f64)?.reshape((r, i))?,
+            );
+            t.insert(
+                format!("{pre}.lora_B.weight"),
+                wave(o * r, seed * 1.3 + l as f64)?.reshape((o, r))?,
+            );
         }
     }
     candle_core::safetensors::save(&t, dir.join("adapter_model.safetensors"))?;
@@ -45,7 +55,11 @@ fn throughput(m: &LoadedModel, stacks: &[Option<Arc<LoraStack>>], steps: usize) 
     // Prefill each (not measured).
     let mut next = vec![0u32; n];
     for (i, c) in caches.iter_mut().enumerate() {
-        let mut s = [SeqInput { tokens: &prompt, cache: c, lora: stacks[i].clone() }];
+        let mut s = [SeqInput {
+            tokens: &prompt,
+            cache: c,
+            lora: stacks[i].clone(),
+        }];
         let l = m.llama.forward(&mut s, LogitsMode::Last)?;
         next[i] = l.argmax(1)?.to_vec1::<u32>()?[0];
     }
@@ -56,7 +70,11 @@ fn throughput(m: &LoadedModel, stacks: &[Option<Arc<LoraStack>>], steps: usize) 
             .iter_mut()
             .zip(&toks)
             .zip(stacks)
-            .map(|((cache, t), lora)| SeqInput { tokens: t, cache, lora: lora.clone() })
+            .map(|((cache, t), lora)| SeqInput {
+                tokens: t,
+                cache,
+                lora: lora.clone(),
+            })
             .collect();
         let l = m.llama.forward(&mut seqs, LogitsMode::Last)?;
         next = l.argmax(1)?.to_vec1::<u32>()?;
@@ -73,7 +91,10 @@ fn main() -> Result<()> {
         .split(',')
         .filter_map(|s| s.trim().parse().ok())
         .collect();
-    let steps: usize = std::env::var("LORAPLEX_BENCH_STEPS").ok().and_then(|s| s.parse().ok()).unwrap_or(16);
+    let steps: usize = std::env::var("LORAPLEX_BENCH_STEPS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(16);
     let m = model::load(None)?;
     let dir = tempfile::tempdir()?;
     let layers = m.llama.cfg.num_hidden_layers;

@@ -13,3 +13,4 @@ pub mod model;
 pub mod sampling;
 pub mod server;
 pub mod tokenize;
+pub mod train;

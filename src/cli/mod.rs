@@ -4,6 +4,7 @@ mod generate;
 mod info;
 mod merge;
 mod serve;
+mod train;
 
 use crate::lora::{AdapterSpec, LoraAdapter, LoraStack};
 use crate::model::LoadedModel;
@@ -30,6 +31,8 @@ pub struct Cli {
 pub enum Command {
     /// Serve the OpenAI-compatible API (chat, completions, models, adapter admin, metrics).
     Serve(serve::ServeArgs),
+    /// Train a LoRA adapter (SFT or DPO) and write it in PEFT format.
+    Train(train::TrainArgs),
     /// Generate text from a prompt, optionally through one or more stacked adapters.
     Generate(generate::GenerateArgs),
     /// Merge adapters into the base and write an HF folder (config, safetensors, tokenizer).
@@ -78,6 +81,7 @@ pub fn load_stack(model: &LoadedModel, specs: &[AdapterSpec]) -> Result<Option<A
 pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Serve(a) => serve::run(a),
+        Command::Train(a) => train::run(a),
         Command::Generate(a) => generate::run(a),
         Command::Merge(a) => merge::run(a),
         Command::Info(a) => info::run(a),
