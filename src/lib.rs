@@ -8,5 +8,6 @@ pub mod fetch;
 pub mod generate;
 pub mod lora;
 pub mod model;
+pub mod quant;
 pub mod sampling;
 pub mod tokenize;

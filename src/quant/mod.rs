@@ -1,0 +1,8 @@
+//! NF4 (QLoRA's 4-bit NormalFloat) weights: bitsandbytes-exact quantization (`nf4`).
+
+pub mod nf4;
+
+pub use nf4::{
+    dynamic_map, quantize_nf4, quantize_nf4_double, Absmax, NestedAbsmax, Nf4Packed,
+    DEFAULT_BLOCKSIZE, NESTED_BLOCKSIZE, NF4_CODE,
+};
