@@ -1,7 +1,10 @@
-//! NF4 (QLoRA's 4-bit NormalFloat) weights: bitsandbytes-exact quantization (`nf4`).
+//! NF4 (QLoRA's 4-bit NormalFloat) weights: bitsandbytes-exact quantization (`nf4`), the matmul
+//! kernels that use the packed form directly (`kernels`).
 
+pub mod kernels;
 pub mod nf4;
 
+pub use kernels::{KernelPath, Nf4Linear, Nf4MatmulOp};
 pub use nf4::{
     dynamic_map, quantize_nf4, quantize_nf4_double, Absmax, NestedAbsmax, Nf4Packed,
     DEFAULT_BLOCKSIZE, NESTED_BLOCKSIZE, NF4_CODE,
