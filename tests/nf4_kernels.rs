@@ -6,9 +6,13 @@ use loraplex::quant::kernels::{matmul, simd_available, KernelPath};
 use loraplex::quant::{quantize_nf4, quantize_nf4_double, Nf4Linear, Nf4Packed};
 
 fn normal(n: usize, seed: u64, sigma: f64) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    let mut s = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
     let mut uni = move || {
-        s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        s = s
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         ((s >> 11) as f64 + 0.5) / (1u64 << 53) as f64
     };
     (0..n)
@@ -48,11 +52,12 @@ fn check_close(got: &[f32], want: &[f64], mag: &[f64], what: &str) {
     }
 }
 
-const PATHS: [KernelPath; 4] = [
+const PATHS: [KernelPath; 5] = [
     KernelPath::Auto,
     KernelPath::Fused,
     KernelPath::FusedScalar,
     KernelPath::Tiled,
+    KernelPath::TiledScalar,
 ];
 
 /// Shapes: aligned (blocks inside rows, 16-code groups), odd row counts, rows that straddle
@@ -107,6 +112,33 @@ fn default_model_shapes_match_dense() {
     }
 }
 
+/// One-hot inputs make every product but one an exact zero, so each path must return the
+/// dequantized weights bit for bit (this pins the SIMD decoders' element order and values).
+#[test]
+fn one_hot_inputs_reproduce_the_dequantized_weight_exactly() {
+    for w in weights() {
+        let cols = w.cols;
+        let mut x = vec![0f32; cols * cols];
+        for c in 0..cols {
+            x[c * cols + c] = 1.0;
+        }
+        let d = w.dequantize();
+        for path in PATHS {
+            let y = matmul(&w, &x, cols, path).unwrap();
+            for k in 0..cols {
+                for r in 0..w.rows {
+                    let (got, want) = (y[k * w.rows + r], d[r * cols + k]);
+                    assert!(
+                        got == want,
+                        "{path:?} [{}x{cols}] w[{r}][{k}]: {got} vs {want}",
+                        w.rows
+                    );
+                }
+            }
+        }
+    }
+}
+
 #[test]
 fn simd_and_scalar_agree_closely() {
     if !simd_available() {
@@ -115,10 +147,15 @@ fn simd_and_scalar_agree_closely() {
     }
     let w = quantize_nf4(&normal(96 * 256, 3, 0.1), 96, 256, 64).unwrap();
     let x = normal(4 * 256, 4, 1.0);
-    let a = matmul(&w, &x, 4, KernelPath::Fused).unwrap();
-    let b = matmul(&w, &x, 4, KernelPath::FusedScalar).unwrap();
-    for (p, q) in a.iter().zip(&b) {
-        assert!((p - q).abs() <= 1e-4 * (1.0 + q.abs()), "{p} vs {q}");
+    for (simd, scalar) in [
+        (KernelPath::Fused, KernelPath::FusedScalar),
+        (KernelPath::Tiled, KernelPath::TiledScalar),
+    ] {
+        let a = matmul(&w, &x, 4, simd).unwrap();
+        let b = matmul(&w, &x, 4, scalar).unwrap();
+        for (p, q) in a.iter().zip(&b) {
+            assert!((p - q).abs() <= 1e-4 * (1.0 + q.abs()), "{p} vs {q}");
+        }
     }
 }
 
@@ -204,9 +241,7 @@ fn backward_gives_the_input_gradient() {
             up[i][j] += h;
             let mut dn = base.clone();
             dn[i][j] -= h;
-            let t = |v: Vec<Vec<f32>>| {
-                Tensor::from_vec(v.concat(), (n, 64), &Device::Cpu).unwrap()
-            };
+            let t = |v: Vec<Vec<f32>>| Tensor::from_vec(v.concat(), (n, 64), &Device::Cpu).unwrap();
             let fd = (loss_at(&t(up)) - loss_at(&t(dn))) / (2.0 * h as f64);
             let g = gx[i][j] as f64;
             assert!((fd - g).abs() <= 1e-2 * (1.0 + g.abs()), "fd {fd} vs {g}");
@@ -223,8 +258,16 @@ fn resident_bytes_vs_f16_on_default_model_shapes() {
         let double = quantize_nf4_double(&w, rows, cols, 64)
             .unwrap()
             .resident_bytes() as f64;
-        assert!(plain / f16_bytes <= 0.29, "{rows}x{cols}: {}", plain / f16_bytes);
-        assert!(double / f16_bytes <= 0.27, "{rows}x{cols}: {}", double / f16_bytes);
+        assert!(
+            plain / f16_bytes <= 0.29,
+            "{rows}x{cols}: {}",
+            plain / f16_bytes
+        );
+        assert!(
+            double / f16_bytes <= 0.27,
+            "{rows}x{cols}: {}",
+            double / f16_bytes
+        );
         eprintln!(
             "{rows}x{cols}: nf4 {:.4}x f16, nf4+double-quant {:.4}x f16",
             plain / f16_bytes,

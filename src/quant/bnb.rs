@@ -103,13 +103,19 @@ pub fn save_layer(w: &Nf4Packed, prefix: &str, out: &mut HashMap<String, Tensor>
             out.insert(format!("{p}.absmax"), f32_tensor(a)?);
         }
         Absmax::Nested(n) => {
-            out.insert(format!("{p}.absmax"), u8_tensor(&n.codes, &[n.codes.len()])?);
+            out.insert(
+                format!("{p}.absmax"),
+                u8_tensor(&n.codes, &[n.codes.len()])?,
+            );
             out.insert(format!("{p}.nested_absmax"), f32_tensor(&n.absmax)?);
             out.insert(format!("{p}.nested_quant_map"), f32_tensor(&n.code[..])?);
         }
     }
     let js = quant_state_json(w).into_bytes();
-    out.insert(format!("{p}.{QUANT_STATE_NF4}"), u8_tensor(&js, &[js.len()])?);
+    out.insert(
+        format!("{p}.{QUANT_STATE_NF4}"),
+        u8_tensor(&js, &[js.len()])?,
+    );
     Ok(())
 }
 
@@ -135,7 +141,10 @@ fn f32_values(t: &Tensor, name: &str, len: usize) -> Result<Vec<f32>> {
         bail!("bnb: tensor `{name}` is {:?}, expected F32", t.dtype());
     }
     if t.elem_count() != len {
-        bail!("bnb: tensor `{name}` has {} values, expected {len}", t.elem_count());
+        bail!(
+            "bnb: tensor `{name}` has {} values, expected {len}",
+            t.elem_count()
+        );
     }
     Ok(t.flatten_all()?.to_vec1::<f32>()?)
 }
@@ -222,7 +231,11 @@ pub fn load_layer(tensors: &mut HashMap<String, Tensor>, prefix: &str) -> Result
     }
     let qm_name = format!("{p}.quant_map");
     let quant_map_v = f32_values(&take(tensors, &qm_name)?, &qm_name, 16)?;
-    if quant_map_v.iter().zip(NF4_CODE).any(|(a, b)| (a - b).abs() > 1e-6) {
+    if quant_map_v
+        .iter()
+        .zip(NF4_CODE)
+        .any(|(a, b)| (a - b).abs() > 1e-6)
+    {
         bail!("bnb: tensor `{qm_name}` is not the NF4 code");
     }
     let mut quant_map = [0f32; 16];
@@ -384,7 +397,7 @@ mod tests {
         ] {
             assert_eq!(py_float_repr(v), s);
         }
-        let f = 0.0123456789f32 as f64;
+        let f = 0.012_345_679_f32 as f64;
         assert_eq!(py_float_repr(f).parse::<f64>().unwrap(), f);
     }
 
@@ -393,7 +406,10 @@ mod tests {
         let c = QuantizationConfig::nf4(true);
         let cfg = json!({ "quantization_config": c.to_json() });
         assert_eq!(QuantizationConfig::from_config_json(&cfg).unwrap(), Some(c));
-        assert_eq!(QuantizationConfig::from_config_json(&json!({})).unwrap(), None);
+        assert_eq!(
+            QuantizationConfig::from_config_json(&json!({})).unwrap(),
+            None
+        );
         for bad in [
             json!({"quant_method": "gptq"}),
             json!({"quant_method": "bitsandbytes", "load_in_8bit": true}),

@@ -1,25 +1,33 @@
 //! NF4 matmul kernels as a candle custom op: `y = x W^T` with `W` kept packed.
 //!
 //! Two paths, neither of which materialises the whole dequantized weight:
-//! - **fused** (few input rows, i.e. decode): each output row's packed bytes are decoded 16 codes
-//!   at a time and multiplied straight into the dot products of up to four input rows, block by
-//!   block (`sum(code * x)` per block, times the block's absmax). AVX2+FMA when the CPU has them
-//!   (runtime detection), a scalar loop otherwise; output rows are split across rayon's threads.
-//! - **tiled** (many input rows: prefill, big batches): a tile of weight rows is dequantized into a
-//!   scratch buffer (bit-identical to bitsandbytes' dequantization, in parallel) and multiplied with
-//!   candle's gemm; tiles are visited one after another.
+//! - **fused** (few input rows, i.e. decode): each output row's packed bytes are decoded 32 codes
+//!   at a time, scaled by their block's absmax and multiplied straight into the dot products of up
+//!   to four input rows. AVX2+FMA when the CPU has them (runtime detection; the decoder builds
+//!   each f32 from four byte-plane shuffles, see `simd`), a scalar loop otherwise; output rows are
+//!   split across rayon's threads, the calling thread taking the first share.
+//! - **tiled** (many input rows: prefill, big batches): tiles of a few dozen weight rows are
+//!   dequantized into a per-thread scratch buffer (about 128 KiB, bit-identical to bitsandbytes'
+//!   dequantization) and multiplied with all input rows by a register-blocked gemm kernel (4 input
+//!   rows x 3 weight rows per block); tiles are spread over rayon's threads.
 //!
 //! The backward pass returns the input gradient only (`grad_x = grad_y W`, tile by tile): the
 //! quantized base is frozen, as in QLoRA.
 
 use super::nf4::{Nf4Packed, NF4_CODE};
+#[cfg(target_arch = "x86_64")]
+use super::simd;
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
 use std::sync::Arc;
 
 /// Inputs with at most this many rows take the fused path (measured with `benches/nf4.rs`).
-pub const FUSED_MAX_ROWS: usize = 8;
+pub const FUSED_MAX_ROWS: usize = 4;
+
+/// Below this many multiply-adds a call stays on the calling thread (waking rayon's workers
+/// costs more than it saves).
+const PARALLEL_MIN_MACS: usize = 1 << 17;
 
 /// Which kernel computes `x W^T` (tests and benchmarks pin one; the model uses `Auto`).
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
@@ -30,8 +38,10 @@ pub enum KernelPath {
     Fused,
     /// Fused, scalar code only.
     FusedScalar,
-    /// Dequantize tiles into scratch + gemm.
+    /// Dequantize tiles into scratch + gemm, with AVX2 when the CPU has it.
     Tiled,
+    /// Tiled, scalar code only.
+    TiledScalar,
 }
 
 /// Whether this CPU runs the AVX2+FMA kernels.
@@ -46,20 +56,18 @@ pub fn simd_available() -> bool {
     }
 }
 
-/// Blocks lie inside rows and hold whole 16-code groups: the layout the fast kernels need.
+/// Blocks lie inside rows and hold whole 32-code groups: the layout the fast kernels need.
 fn aligned(w: &Nf4Packed) -> bool {
-    w.blocksize % 16 == 0 && w.cols % w.blocksize == 0
-}
-
-/// The absmax of every block of row `r` (aligned layout).
-fn row_scales(w: &Nf4Packed, r: usize, out: &mut Vec<f32>) {
-    let per_row = w.cols / w.blocksize;
-    out.clear();
-    out.extend((r * per_row..(r + 1) * per_row).map(|b| w.block_scale(b)));
+    w.blocksize.is_multiple_of(32) && w.cols.is_multiple_of(w.blocksize)
 }
 
 /// `x: [n, cols]` row-major → `y: [n, rows]` row-major.
-pub fn matmul(w: &Nf4Packed, x: &[f32], n: usize, path: KernelPath) -> candle_core::Result<Vec<f32>> {
+pub fn matmul(
+    w: &Nf4Packed,
+    x: &[f32],
+    n: usize,
+    path: KernelPath,
+) -> candle_core::Result<Vec<f32>> {
     if x.len() != n * w.cols {
         candle_core::bail!(
             "nf4 matmul: input has {} values, {n} rows of {} features need {}",
@@ -68,16 +76,37 @@ pub fn matmul(w: &Nf4Packed, x: &[f32], n: usize, path: KernelPath) -> candle_co
             n * w.cols
         );
     }
-    let path = match path {
-        KernelPath::Auto if n <= FUSED_MAX_ROWS => KernelPath::Fused,
-        KernelPath::Auto => KernelPath::Tiled,
-        p => p,
-    };
-    match path {
-        KernelPath::Tiled => tiled(w, x, n),
-        KernelPath::FusedScalar => Ok(fused(w, x, n, false)),
-        _ => Ok(fused(w, x, n, simd_available())),
+    let simd = simd_available();
+    Ok(match path {
+        KernelPath::Auto if n <= FUSED_MAX_ROWS => fused(w, x, n, simd),
+        KernelPath::Auto | KernelPath::Tiled => tiled(w, x, n, simd),
+        KernelPath::Fused => fused(w, x, n, simd),
+        KernelPath::FusedScalar => fused(w, x, n, false),
+        KernelPath::TiledScalar => tiled(w, x, n, false),
+    })
+}
+
+/// Runs `f` over `items` and returns the results in order: on the calling thread for small
+/// calls, else the first item on the calling thread while rayon's workers take the others (the
+/// caller works instead of sleeping until a worker wakes up, which matters at decode sizes).
+fn spread<T: Sync, R: Send + Default>(
+    macs: usize,
+    items: &[T],
+    f: impl Fn(&T) -> R + Sync + Send,
+) -> Vec<R> {
+    if macs < PARALLEL_MIN_MACS || items.len() < 2 || rayon::current_num_threads() < 2 {
+        return items.iter().map(f).collect();
     }
+    let mut out: Vec<R> = items.iter().map(|_| R::default()).collect();
+    let f = &f;
+    rayon::in_place_scope(|s| {
+        let (first, rest) = out.split_at_mut(1);
+        for (slot, item) in rest.iter_mut().zip(&items[1..]) {
+            s.spawn(move |_| *slot = f(item));
+        }
+        first[0] = f(&items[0]);
+    });
+    out
 }
 
 /// The fused path: output rows split into one chunk per rayon thread.
@@ -88,17 +117,12 @@ fn fused(w: &Nf4Packed, x: &[f32], n: usize, simd: bool) -> Vec<f32> {
         return y;
     }
     let chunk = rows.div_ceil(rayon::current_num_threads().max(1)).max(8);
+    let starts: Vec<usize> = (0..rows).step_by(chunk).collect();
     // Each chunk fills `[rows_in_chunk][n]`; the scatter into `[n][rows]` is cheap for few rows.
-    let parts: Vec<(usize, Vec<f32>)> = (0..rows)
-        .step_by(chunk)
-        .collect::<Vec<_>>()
-        .into_par_iter()
-        .map(|r0| {
-            let r1 = (r0 + chunk).min(rows);
-            (r0, fused_rows(w, x, n, r0, r1, simd))
-        })
-        .collect();
-    for (r0, part) in parts {
+    let parts = spread(n * rows * w.cols, &starts, |&r0| {
+        fused_rows(w, x, n, r0, (r0 + chunk).min(rows), simd)
+    });
+    for (r0, part) in starts.iter().zip(parts) {
         for (i, vals) in part.chunks(n).enumerate() {
             for (k, v) in vals.iter().enumerate() {
                 y[k * rows + r0 + i] = *v;
@@ -125,116 +149,105 @@ fn fused_rows(w: &Nf4Packed, x: &[f32], n: usize, r0: usize, r1: usize, simd: bo
         return out;
     }
     let xs: Vec<&[f32]> = x.chunks(cols).collect();
-    let bytes_per_row = cols / 2;
-    let mut scales = Vec::with_capacity(cols / w.blocksize);
-    for r in r0..r1 {
-        row_scales(w, r, &mut scales);
-        let packed = &w.data[r * bytes_per_row..(r + 1) * bytes_per_row];
-        let dst = &mut out[(r - r0) * n..(r - r0 + 1) * n];
-        let mut k = 0;
-        while k < n {
-            let g = (n - k).min(4);
-            let group = &xs[k..k + g];
-            let res = &mut dst[k..k + g];
-            match g {
-                4 => res.copy_from_slice(&dot_row::<4>(packed, &scales, w.blocksize, group, simd)),
-                3 => res.copy_from_slice(&dot_row::<3>(packed, &scales, w.blocksize, group, simd)),
-                2 => res.copy_from_slice(&dot_row::<2>(packed, &scales, w.blocksize, group, simd)),
-                _ => res.copy_from_slice(&dot_row::<1>(packed, &scales, w.blocksize, group, simd)),
-            }
-            k += g;
+    let per_row = cols / w.blocksize;
+    let mut scales = vec![0f32; (r1 - r0) * per_row];
+    w.scales_into(r0 * per_row, &mut scales);
+    let packed = &w.data[r0 * cols / 2..r1 * cols / 2];
+    let mut k = 0;
+    while k < n {
+        let g = (n - k).min(4);
+        let (group, dst) = (&xs[k..k + g], &mut out[k..]);
+        let bs = w.blocksize;
+        match g {
+            4 => dot_rows::<4>(packed, &scales, bs, cols, group, dst, n, simd),
+            3 => dot_rows::<3>(packed, &scales, bs, cols, group, dst, n, simd),
+            2 => dot_rows::<2>(packed, &scales, bs, cols, group, dst, n, simd),
+            _ => dot_rows::<1>(packed, &scales, bs, cols, group, dst, n, simd),
         }
+        k += g;
     }
     out
 }
 
-/// Dot products of one packed row with `G` input rows (aligned layout).
-fn dot_row<const G: usize>(
+/// `out[r * stride + g] = row_r . xs[g]` for the packed rows in `packed` (aligned layout).
+#[allow(clippy::too_many_arguments)]
+fn dot_rows<const G: usize>(
     packed: &[u8],
     scales: &[f32],
     bs: usize,
+    cols: usize,
     xs: &[&[f32]],
+    out: &mut [f32],
+    stride: usize,
     simd: bool,
-) -> [f32; G] {
+) {
     let xs: [&[f32]; G] = std::array::from_fn(|g| xs[g]);
+    let rows = packed.len() * 2 / cols.max(1);
     #[cfg(target_arch = "x86_64")]
-    if simd {
-        // SAFETY: `simd` is only true when `simd_available()` saw AVX2 and FMA; the layout is
-        // aligned (bs % 16 == 0, whole blocks per row), `packed` holds `scales.len() * bs / 2`
-        // bytes and every `xs[g]` holds `scales.len() * bs` values, as checked here.
-        unsafe {
-            assert!(packed.len() * 2 == scales.len() * bs && bs % 16 == 0);
-            assert!(xs.iter().all(|x| x.len() == scales.len() * bs));
-            return avx2::dot_row::<G>(packed, scales, bs, &xs);
-        }
+    if simd
+        && bs.is_multiple_of(32)
+        && cols.is_multiple_of(bs)
+        && packed.len() * 2 == scales.len() * bs
+        && packed.len() * 2 == rows * cols
+        && xs.iter().all(|x| x.len() >= cols)
+        && (rows == 0 || out.len() >= (rows - 1) * stride + G)
+    {
+        // SAFETY: `simd` is only true when `simd_available()` saw AVX2 and FMA, and the lengths
+        // the kernel relies on were checked just above.
+        return unsafe { simd::dot_rows::<G>(packed, scales, bs, cols, &xs, out, stride) };
     }
     let _ = simd;
-    dot_row_scalar::<G>(packed, scales, bs, &xs)
-}
-
-fn dot_row_scalar<const G: usize>(
-    packed: &[u8],
-    scales: &[f32],
-    bs: usize,
-    xs: &[&[f32]; G],
-) -> [f32; G] {
-    let mut tot = [0f32; G];
-    for (b, s) in scales.iter().enumerate() {
-        let mut acc = [0f32; G];
-        let base = b * bs;
-        for (j, byte) in packed[base / 2..(base + bs) / 2].iter().enumerate() {
-            let hi = NF4_CODE[(byte >> 4) as usize];
-            let lo = NF4_CODE[(byte & 0x0f) as usize];
-            let c = base + 2 * j;
-            for g in 0..G {
-                acc[g] += hi * xs[g][c] + lo * xs[g][c + 1];
+    let per_row = cols / bs;
+    for r in 0..rows {
+        let mut tot = [0f32; G];
+        for (b, s) in scales[r * per_row..(r + 1) * per_row].iter().enumerate() {
+            let base = b * bs;
+            let bytes = &packed[(r * cols + base) / 2..(r * cols + base + bs) / 2];
+            for (j, byte) in bytes.iter().enumerate() {
+                let hi = NF4_CODE[(byte >> 4) as usize] * s;
+                let lo = NF4_CODE[(byte & 0x0f) as usize] * s;
+                let c = base + 2 * j;
+                for (t, x) in tot.iter_mut().zip(&xs) {
+                    *t += hi * x[c] + lo * x[c + 1];
+                }
             }
         }
-        for g in 0..G {
-            tot[g] += acc[g] * s;
-        }
+        out[r * stride..r * stride + G].copy_from_slice(&tot);
     }
-    tot
 }
 
-/// Weight rows per tile of the tiled path: about 256 KiB of f32 scratch.
+/// Weight rows per tile: about 128 KiB of f32 scratch, a multiple of the 3-row register block.
 fn tile_rows(cols: usize) -> usize {
-    ((1usize << 16) / cols.max(1)).clamp(16, 1024).next_multiple_of(8)
+    ((32768 / cols.max(1)).clamp(12, 96) / 3) * 3
 }
 
-/// Dequantizes weight rows `r0..r0 + out.len() / cols` into `out`, split across rayon's threads.
+/// Dequantizes weight rows `r0..r0 + out.len() / cols` into `out`.
 fn dequantize_tile(w: &Nf4Packed, r0: usize, out: &mut [f32], simd: bool) {
     let cols = w.cols;
-    let per_task = (out.len() / cols).div_ceil(rayon::current_num_threads().max(1)).max(1);
-    out.par_chunks_mut(per_task * cols)
-        .enumerate()
-        .for_each(|(t, chunk)| {
-            let first = r0 + t * per_task;
-            if !aligned(w) {
-                w.dequantize_rows_into(first, chunk);
-                return;
-            }
-            let mut scales = Vec::with_capacity(cols / w.blocksize);
-            for (i, row) in chunk.chunks_mut(cols).enumerate() {
-                let r = first + i;
-                row_scales(w, r, &mut scales);
-                let packed = &w.data[r * cols / 2..(r + 1) * cols / 2];
-                dequantize_row(packed, &scales, w.blocksize, row, simd);
-            }
-        });
+    if !aligned(w) {
+        w.dequantize_rows_into(r0, out);
+        return;
+    }
+    let per_row = cols / w.blocksize;
+    let mut scales = vec![0f32; per_row];
+    for (i, row) in out.chunks_mut(cols).enumerate() {
+        let r = r0 + i;
+        w.scales_into(r * per_row, &mut scales);
+        let packed = &w.data[r * cols / 2..(r + 1) * cols / 2];
+        dequantize_row(packed, &scales, w.blocksize, row, simd);
+    }
 }
 
 /// One aligned row: `code * absmax`, exactly as [`Nf4Packed::dequantize_rows_into`].
 fn dequantize_row(packed: &[u8], scales: &[f32], bs: usize, out: &mut [f32], simd: bool) {
     #[cfg(target_arch = "x86_64")]
-    if simd {
-        // SAFETY: AVX2/FMA were detected (`simd`), and the lengths are checked here: `packed` has
-        // `scales.len() * bs / 2` bytes, `out` `scales.len() * bs` values, bs % 16 == 0.
-        unsafe {
-            assert!(packed.len() * 2 == scales.len() * bs && out.len() == packed.len() * 2);
-            assert!(bs % 16 == 0);
-            return avx2::dequantize_row(packed, scales, bs, out);
-        }
+    if simd
+        && bs.is_multiple_of(32)
+        && packed.len() * 2 == scales.len() * bs
+        && out.len() == packed.len() * 2
+    {
+        // SAFETY: AVX2/FMA were detected (`simd`) and the lengths were checked just above.
+        return unsafe { simd::dequantize_row(packed, scales, bs, out) };
     }
     let _ = simd;
     for (b, s) in scales.iter().enumerate() {
@@ -246,30 +259,96 @@ fn dequantize_row(packed: &[u8], scales: &[f32], bs: usize, out: &mut [f32], sim
     }
 }
 
-/// The tiled path: per tile, dequantize into scratch and run candle's gemm on it.
-fn tiled(w: &Nf4Packed, x: &[f32], n: usize) -> candle_core::Result<Vec<f32>> {
+/// One register block of `x w^T` (`MR` input rows, `NR` weight rows, `k` features each).
+fn block<const MR: usize, const NR: usize>(
+    x: &[f32],
+    w: &[f32],
+    k: usize,
+    simd: bool,
+) -> [[f32; NR]; MR] {
+    #[cfg(target_arch = "x86_64")]
+    if simd && x.len() >= MR * k && w.len() >= NR * k {
+        // SAFETY: AVX2/FMA were detected (`simd`); `x` and `w` hold MR and NR rows of `k`.
+        return unsafe { simd::block_dot::<MR, NR>(x, w, k) };
+    }
+    let _ = simd;
+    std::array::from_fn(|i| {
+        std::array::from_fn(|j| {
+            let (xi, wj) = (&x[i * k..(i + 1) * k], &w[j * k..(j + 1) * k]);
+            xi.iter().zip(wj).map(|(a, b)| a * b).sum()
+        })
+    })
+}
+
+/// `out[i * t + j] = x[i] . w[j]` for `x: [n, k]`, `w: [t, k]` (the gemm of the tiled path).
+fn gemm_nt(x: &[f32], n: usize, w: &[f32], t: usize, k: usize, out: &mut [f32], simd: bool) {
+    macro_rules! run {
+        ($mr:literal, $nr:literal, $i0:expr, $j0:expr) => {{
+            let r = block::<$mr, $nr>(&x[$i0 * k..], &w[$j0 * k..], k, simd);
+            for (i, row) in r.iter().enumerate() {
+                out[($i0 + i) * t + $j0..($i0 + i) * t + $j0 + $nr].copy_from_slice(row);
+            }
+        }};
+    }
+    for j0 in (0..t).step_by(3) {
+        for i0 in (0..n).step_by(4) {
+            match ((n - i0).min(4), (t - j0).min(3)) {
+                (4, 3) => run!(4, 3, i0, j0),
+                (4, 2) => run!(4, 2, i0, j0),
+                (4, _) => run!(4, 1, i0, j0),
+                (3, 3) => run!(3, 3, i0, j0),
+                (3, 2) => run!(3, 2, i0, j0),
+                (3, _) => run!(3, 1, i0, j0),
+                (2, 3) => run!(2, 3, i0, j0),
+                (2, 2) => run!(2, 2, i0, j0),
+                (2, _) => run!(2, 1, i0, j0),
+                (_, 3) => run!(1, 3, i0, j0),
+                (_, 2) => run!(1, 2, i0, j0),
+                (_, _) => run!(1, 1, i0, j0),
+            }
+        }
+    }
+}
+
+/// The tiled path: each task dequantizes one tile of weight rows into its scratch and multiplies
+/// it with every input row.
+fn tiled(w: &Nf4Packed, x: &[f32], n: usize, simd: bool) -> Vec<f32> {
     let (rows, cols) = (w.rows, w.cols);
     let mut y = vec![0f32; n * rows];
     if n == 0 || rows == 0 {
-        return Ok(y);
+        return y;
     }
-    let simd = simd_available();
-    let xt = Tensor::from_slice(x, (n, cols), &Device::Cpu)?;
     let tile = tile_rows(cols);
-    for r0 in (0..rows).step_by(tile) {
+    let starts: Vec<usize> = (0..rows).step_by(tile).collect();
+    let run = |scratch: &mut Vec<f32>, r0: usize| -> Vec<f32> {
         let t = tile.min(rows - r0);
-        let mut scratch = vec![0f32; t * cols];
-        dequantize_tile(w, r0, &mut scratch, simd);
-        let wt = Tensor::from_vec(scratch, (t, cols), &Device::Cpu)?;
-        let yt = xt.matmul(&wt.t()?)?.flatten_all()?.to_vec1::<f32>()?;
+        scratch.resize(t * cols, 0.0);
+        dequantize_tile(w, r0, scratch, simd);
+        let mut out = vec![0f32; n * t];
+        gemm_nt(x, n, scratch, t, cols, &mut out, simd);
+        out
+    };
+    let parts: Vec<Vec<f32>> = match n * rows * cols >= PARALLEL_MIN_MACS {
+        true => starts
+            .par_iter()
+            .map_init(Vec::new, |s, &r0| run(s, r0))
+            .collect(),
+        false => {
+            let mut s = Vec::new();
+            starts.iter().map(|&r0| run(&mut s, r0)).collect()
+        }
+    };
+    for (r0, part) in starts.iter().zip(parts) {
+        let t = part.len() / n;
         for k in 0..n {
-            y[k * rows + r0..k * rows + r0 + t].copy_from_slice(&yt[k * t..(k + 1) * t]);
+            y[k * rows + r0..k * rows + r0 + t].copy_from_slice(&part[k * t..(k + 1) * t]);
         }
     }
-    Ok(y)
+    y
 }
 
-/// `grad_x = grad_y W` for `grad_y: [n, rows]`, one dequantized tile of `W` at a time.
+/// `grad_x = grad_y W` for `grad_y: [n, rows]`, one dequantized tile of `W` at a time
+/// (`sum over tiles of grad_y[:, tile] W[tile]`).
 pub fn grad_input(w: &Nf4Packed, grad_y: &Tensor) -> candle_core::Result<Tensor> {
     let (n, rows) = grad_y.dims2()?;
     if rows != w.rows {
@@ -280,7 +359,8 @@ pub fn grad_input(w: &Nf4Packed, grad_y: &Tensor) -> candle_core::Result<Tensor>
     }
     let g = grad_y.detach().to_dtype(DType::F32)?;
     let simd = simd_available();
-    let tile = tile_rows(w.cols);
+    // Bigger tiles than the forward's (about 1 MiB): each one is a candle gemm call.
+    let tile = ((1usize << 18) / w.cols.max(1)).clamp(16, 4096);
     let mut acc = Tensor::zeros((n, w.cols), DType::F32, grad_y.device())?;
     for r0 in (0..rows).step_by(tile) {
         let t = tile.min(rows - r0);
@@ -311,7 +391,8 @@ fn gather(data: &[f32], layout: &Layout) -> Vec<f32> {
     let mut out = Vec::with_capacity(total);
     let mut idx = vec![0usize; dims.len()];
     for _ in 0..total {
-        let off: usize = layout.start_offset() + idx.iter().zip(stride).map(|(i, s)| i * s).sum::<usize>();
+        let off: usize =
+            layout.start_offset() + idx.iter().zip(stride).map(|(i, s)| i * s).sum::<usize>();
         out.push(data[off]);
         for d in (0..dims.len()).rev() {
             idx[d] += 1;
@@ -329,7 +410,11 @@ impl CustomOp1 for Nf4MatmulOp {
         "nf4-matmul"
     }
 
-    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        storage: &CpuStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
         let CpuStorage::F32(data) = storage else {
             candle_core::bail!("nf4 matmul: input must be f32, got {:?}", storage.dtype());
         };
@@ -354,7 +439,12 @@ impl CustomOp1 for Nf4MatmulOp {
         Ok((CpuStorage::F32(y), Shape::from(out_dims)))
     }
 
-    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> candle_core::Result<Option<Tensor>> {
+    fn bwd(
+        &self,
+        arg: &Tensor,
+        _res: &Tensor,
+        grad_res: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
         let rows = self.weight.rows;
         let g = grad_res.reshape(((), rows))?;
         let gx = grad_input(&self.weight, &g)?;
@@ -403,121 +493,6 @@ impl Nf4Linear {
         match &self.bias {
             Some(b) => y.broadcast_add(b),
             None => Ok(y),
-        }
-    }
-}
-
-#[cfg(target_arch = "x86_64")]
-mod avx2 {
-    //! AVX2+FMA inner loops. Every function requires AVX2 and FMA (callers check at run time).
-    use super::NF4_CODE;
-    use std::arch::x86_64::*;
-
-    /// Decodes 16 codes (8 bytes at `p`, high nibble first) into two vectors of NF4 values.
-    #[inline]
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn decode16(p: *const u8, lut_lo: __m256, lut_hi: __m256) -> (__m256, __m256) {
-        // SAFETY (caller): `p` points at 8 readable bytes.
-        let v = unsafe { _mm_loadl_epi64(p as *const __m128i) };
-        let mask = _mm_set1_epi8(0x0f);
-        let hi = _mm_and_si128(_mm_srli_epi16::<4>(v), mask);
-        let lo = _mm_and_si128(v, mask);
-        // [hi0, lo0, hi1, lo1, ...]: the codes in element order.
-        let idx = _mm_unpacklo_epi8(hi, lo);
-        let i0 = _mm256_cvtepu8_epi32(idx);
-        let i1 = _mm256_cvtepu8_epi32(_mm_srli_si128::<8>(idx));
-        (lookup(i0, lut_lo, lut_hi), lookup(i1, lut_lo, lut_hi))
-    }
-
-    /// 16-entry table lookup: two 8-lane permutes, bit 3 of the index picks the half.
-    #[inline]
-    #[target_feature(enable = "avx2,fma")]
-    fn lookup(i: __m256i, lut_lo: __m256, lut_hi: __m256) -> __m256 {
-        let a = _mm256_permutevar8x32_ps(lut_lo, i);
-        let b = _mm256_permutevar8x32_ps(lut_hi, i);
-        let m = _mm256_castsi256_ps(_mm256_slli_epi32::<28>(i));
-        _mm256_blendv_ps(a, b, m)
-    }
-
-    #[inline]
-    #[target_feature(enable = "avx2,fma")]
-    fn hsum(v: __m256) -> f32 {
-        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
-        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-        let s = _mm_add_ss(s, _mm_shuffle_ps::<1>(s, s));
-        _mm_cvtss_f32(s)
-    }
-
-    /// # Safety
-    /// AVX2+FMA available; `bs % 16 == 0`; `packed.len() == scales.len() * bs / 2`; every
-    /// `xs[g].len() == scales.len() * bs`.
-    #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn dot_row<const G: usize>(
-        packed: &[u8],
-        scales: &[f32],
-        bs: usize,
-        xs: &[&[f32]; G],
-    ) -> [f32; G] {
-        // SAFETY: NF4_CODE has 16 values, so both 8-value loads are in bounds.
-        let (lut_lo, lut_hi) = unsafe {
-            (
-                _mm256_loadu_ps(NF4_CODE.as_ptr()),
-                _mm256_loadu_ps(NF4_CODE.as_ptr().add(8)),
-            )
-        };
-        let mut tot = [_mm256_setzero_ps(); G];
-        for (b, s) in scales.iter().enumerate() {
-            let base = b * bs;
-            let mut acc0 = [_mm256_setzero_ps(); G];
-            let mut acc1 = [_mm256_setzero_ps(); G];
-            let mut j = 0;
-            while j < bs {
-                // SAFETY: base + j + 16 <= scales.len() * bs, so the 8 bytes at (base + j) / 2
-                // and the 16 floats at base + j of every input row are in bounds.
-                unsafe {
-                    let (w0, w1) = decode16(packed.as_ptr().add((base + j) / 2), lut_lo, lut_hi);
-                    for g in 0..G {
-                        let xp = xs[g].as_ptr().add(base + j);
-                        acc0[g] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xp), acc0[g]);
-                        acc1[g] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xp.add(8)), acc1[g]);
-                    }
-                }
-                j += 16;
-            }
-            let sv = _mm256_set1_ps(*s);
-            for g in 0..G {
-                tot[g] = _mm256_fmadd_ps(_mm256_add_ps(acc0[g], acc1[g]), sv, tot[g]);
-            }
-        }
-        std::array::from_fn(|g| hsum(tot[g]))
-    }
-
-    /// # Safety
-    /// AVX2+FMA available; `bs % 16 == 0`; `packed.len() == scales.len() * bs / 2`;
-    /// `out.len() == scales.len() * bs`.
-    #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn dequantize_row(packed: &[u8], scales: &[f32], bs: usize, out: &mut [f32]) {
-        // SAFETY: NF4_CODE has 16 values.
-        let (lut_lo, lut_hi) = unsafe {
-            (
-                _mm256_loadu_ps(NF4_CODE.as_ptr()),
-                _mm256_loadu_ps(NF4_CODE.as_ptr().add(8)),
-            )
-        };
-        for (b, s) in scales.iter().enumerate() {
-            let sv = _mm256_set1_ps(*s);
-            let base = b * bs;
-            let mut j = 0;
-            while j < bs {
-                // SAFETY: base + j + 16 <= out.len(), and the 8 source bytes are in `packed`.
-                unsafe {
-                    let (w0, w1) = decode16(packed.as_ptr().add((base + j) / 2), lut_lo, lut_hi);
-                    let o = out.as_mut_ptr().add(base + j);
-                    _mm256_storeu_ps(o, _mm256_mul_ps(w0, sv));
-                    _mm256_storeu_ps(o.add(8), _mm256_mul_ps(w1, sv));
-                }
-                j += 16;
-            }
         }
     }
 }

@@ -5,6 +5,8 @@
 pub mod bnb;
 pub mod kernels;
 pub mod nf4;
+#[cfg(target_arch = "x86_64")]
+mod simd;
 
 pub use bnb::{is_bnb_layer, load_layer, save_layer, QuantizationConfig};
 pub use kernels::{KernelPath, Nf4Linear, Nf4MatmulOp};

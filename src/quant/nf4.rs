@@ -276,9 +276,29 @@ impl Nf4Packed {
         }
     }
 
+    /// The f32 absmax of blocks `first..first + out.len()` into `out` (the same values as
+    /// [`Self::block_scale`], without a division per block).
+    pub fn scales_into(&self, first: usize, out: &mut [f32]) {
+        match &self.absmax {
+            Absmax::F32(a) => out.copy_from_slice(&a[first..first + out.len()]),
+            Absmax::Nested(n) => {
+                let (mut hi, mut lo) = (first / n.blocksize, first % n.blocksize);
+                for (o, q) in out.iter_mut().zip(&n.codes[first..]) {
+                    *o = n.code[*q as usize] * n.absmax[hi] + n.offset;
+                    lo += 1;
+                    if lo == n.blocksize {
+                        (hi, lo) = (hi + 1, 0);
+                    }
+                }
+            }
+        }
+    }
+
     /// Every block's f32 absmax (for a double-quantized weight, reconstructed).
     pub fn absmax_f32(&self) -> Vec<f32> {
-        (0..self.n_blocks()).map(|b| self.block_scale(b)).collect()
+        let mut out = vec![0f32; self.n_blocks()];
+        self.scales_into(0, &mut out);
+        out
     }
 
     /// The 4-bit code of flat element `i`.
@@ -356,7 +376,12 @@ fn mean_f32(v: &[f32]) -> f32 {
 
 /// Quantizes a row-major `[rows, cols]` f32 matrix to NF4 with one absmax per `blocksize`
 /// consecutive elements (bitsandbytes' `quantize_4bit(.., quant_type="nf4")`, no double quant).
-pub fn quantize_nf4(weight: &[f32], rows: usize, cols: usize, blocksize: usize) -> Result<Nf4Packed> {
+pub fn quantize_nf4(
+    weight: &[f32],
+    rows: usize,
+    cols: usize,
+    blocksize: usize,
+) -> Result<Nf4Packed> {
     if weight.len() != rows * cols {
         bail!(
             "nf4: weight has {} elements, shape [{rows}, {cols}] needs {}",
@@ -364,7 +389,7 @@ pub fn quantize_nf4(weight: &[f32], rows: usize, cols: usize, blocksize: usize) 
             rows * cols
         );
     }
-    if blocksize == 0 || blocksize % 2 != 0 {
+    if blocksize == 0 || !blocksize.is_multiple_of(2) {
         bail!("nf4: block size {blocksize} must be even and positive");
     }
     let mut data = Vec::with_capacity(weight.len().div_ceil(2));
