@@ -61,7 +61,10 @@ const THRESHOLD_TEXT: [&str; 15] = [
 ];
 
 fn ref_thresholds() -> Vec<f32> {
-    THRESHOLD_TEXT.iter().map(|s| s.parse::<f32>().unwrap()).collect()
+    THRESHOLD_TEXT
+        .iter()
+        .map(|s| s.parse::<f32>().unwrap())
+        .collect()
 }
 
 /// A value's code: how many thresholds it is strictly above (NaN is above none).
@@ -150,7 +153,9 @@ fn ref_blockwise8(v: &[f32], code: &[f32], bs: usize) -> (Vec<u8>, Vec<f32>) {
     let mut q = Vec::new();
     let mut absmax = Vec::new();
     for block in v.chunks(bs) {
-        let m = block.iter().fold(0f32, |m, x| if x.abs() > m { x.abs() } else { m });
+        let m = block
+            .iter()
+            .fold(0f32, |m, x| if x.abs() > m { x.abs() } else { m });
         absmax.push(m);
         let r = 1.0f32 / m;
         q.extend(block.iter().map(|x| ref_q8(code, x * r)));
@@ -162,9 +167,13 @@ fn ref_blockwise8(v: &[f32], code: &[f32], bs: usize) -> (Vec<u8>, Vec<f32>) {
 
 /// Deterministic N(0, sigma) values (LCG + Box-Muller).
 fn normal(n: usize, seed: u64, sigma: f64) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    let mut s = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
     let mut uni = move || {
-        s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        s = s
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         ((s >> 11) as f64 + 0.5) / (1u64 << 53) as f64
     };
     (0..n)
@@ -222,7 +231,11 @@ fn codebook_is_bitsandbytes_nf4() {
 fn thresholds_are_code_midpoints() {
     let c = ref_code64();
     for (i, t) in THRESHOLD_TEXT.iter().enumerate() {
-        assert_eq!(t.parse::<f64>().unwrap(), (c[i] + c[i + 1]) / 2.0, "threshold {i}");
+        assert_eq!(
+            t.parse::<f64>().unwrap(),
+            (c[i] + c[i + 1]) / 2.0,
+            "threshold {i}"
+        );
     }
 }
 
@@ -252,7 +265,11 @@ fn nf4_dequantize_is_bit_exact_and_bounded() {
     let (bytes, absmax) = ref_quantize(&w, 64);
     let expect: Vec<f32> = (0..w.len())
         .map(|i| {
-            let c = if i % 2 == 0 { bytes[i / 2] >> 4 } else { bytes[i / 2] & 15 };
+            let c = if i % 2 == 0 {
+                bytes[i / 2] >> 4
+            } else {
+                bytes[i / 2] & 15
+            };
             code[c as usize] * absmax[i / 64]
         })
         .collect();
@@ -262,7 +279,10 @@ fn nf4_dequantize_is_bit_exact_and_bounded() {
     // the block's absmax.
     let half_gap = code.windows(2).map(|c| c[1] - c[0]).fold(0f32, f32::max) / 2.0;
     for (i, (a, b)) in w.iter().zip(&got).enumerate() {
-        assert!((a - b).abs() <= absmax[i / 64] * half_gap * 1.0001, "element {i}");
+        assert!(
+            (a - b).abs() <= absmax[i / 64] * half_gap * 1.0001,
+            "element {i}"
+        );
     }
 }
 
@@ -362,7 +382,11 @@ fn check_double_quant(w: &[f32], rows: usize, cols: usize) {
     let nf4 = ref_code();
     let expect: Vec<f32> = (0..w.len())
         .map(|i| {
-            let c = if i % 2 == 0 { bytes[i / 2] >> 4 } else { bytes[i / 2] & 15 };
+            let c = if i % 2 == 0 {
+                bytes[i / 2] >> 4
+            } else {
+                bytes[i / 2] & 15
+            };
             nf4[c as usize] * scale[i / 64]
         })
         .collect();

@@ -16,7 +16,9 @@ fn normal(n: usize, seed: u64) -> Vec<f32> {
     let mut s = seed.wrapping_add(0x9e37_79b9_7f4a_7c15);
     (0..n)
         .map(|_| {
-            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             let u = ((s >> 11) as f64 / (1u64 << 53) as f64) * 2.0 - 1.0;
             (u * u * u * 0.1) as f32
         })
@@ -85,14 +87,21 @@ fn save_writes_bitsandbytes_layout() {
                 assert_eq!(am.dtype(), DType::U8);
                 assert_eq!(map.len(), 6);
                 let na = &map[&format!("{P}.weight.nested_absmax")];
-                assert_eq!((na.dtype(), na.dims()), (DType::F32, &[blocks.div_ceil(256)][..]));
+                assert_eq!(
+                    (na.dtype(), na.dims()),
+                    (DType::F32, &[blocks.div_ceil(256)][..])
+                );
                 let nq = &map[&format!("{P}.weight.nested_quant_map")];
                 assert_eq!((nq.dtype(), nq.dims()), (DType::F32, &[256][..]));
                 let prefix = format!(
                     "{{\"quant_type\": \"nf4\", \"blocksize\": 64, \"dtype\": \"float32\", \"shape\": [{}, {}], \"nested_blocksize\": 256, \"nested_dtype\": \"float32\", \"nested_offset\": ",
                     p.rows, p.cols
                 );
-                let offset = text.strip_prefix(&prefix).unwrap().strip_suffix('}').unwrap();
+                let offset = text
+                    .strip_prefix(&prefix)
+                    .unwrap()
+                    .strip_suffix('}')
+                    .unwrap();
                 assert_eq!(offset.parse::<f64>().unwrap() as f32, nested.offset);
             }
         }
@@ -108,7 +117,10 @@ fn round_trip_through_a_file_is_lossless() {
         save_layer(&p, P, &mut first).unwrap();
         let mut loaded = save_load_file(&first);
         let back = load_layer(&mut loaded, P).unwrap();
-        assert!(loaded.is_empty(), "load_layer consumes every tensor of the layer");
+        assert!(
+            loaded.is_empty(),
+            "load_layer consumes every tensor of the layer"
+        );
         assert_eq!(back, p);
         let (a, b) = (back.dequantize(), p.dequantize());
         assert!(a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()));
@@ -147,7 +159,10 @@ fn loads_layers_saved_by_transformers() {
     assert_eq!(back.dtype, "bfloat16");
     assert_eq!(back.dequantize(), p.dequantize());
     assert_eq!(quant_state_json(&back), js);
-    assert!(map.contains_key(&format!("{P}.bias")), "the bias is left for the model loader");
+    assert!(
+        map.contains_key(&format!("{P}.bias")),
+        "the bias is left for the model loader"
+    );
 
     // quant_storage = bfloat16: the same bytes viewed as bf16, [n / 4, 1].
     let mut map = HashMap::new();
@@ -180,7 +195,10 @@ fn layer_map(double: bool) -> HashMap<String, Tensor> {
 fn expect_err(map: &mut HashMap<String, Tensor>, needle: &str) {
     let e = load_layer(map, P).unwrap_err();
     let msg = format!("{e:#}");
-    assert!(msg.contains(needle), "error {msg:?} should mention {needle:?}");
+    assert!(
+        msg.contains(needle),
+        "error {msg:?} should mention {needle:?}"
+    );
 }
 
 fn set_state(map: &mut HashMap<String, Tensor>, key: &str, js: &str) {
@@ -202,7 +220,10 @@ fn malformed_layers_are_refused_with_the_tensor_named() {
     expect_err(&mut m, "weight.absmax");
 
     let mut m = layer_map(false);
-    m.insert(format!("{P}.weight"), Tensor::zeros((511, 1), DType::U8, &Device::Cpu).unwrap());
+    m.insert(
+        format!("{P}.weight"),
+        Tensor::zeros((511, 1), DType::U8, &Device::Cpu).unwrap(),
+    );
     expect_err(&mut m, "holds 511 bytes");
 
     let mut m = layer_map(false);
@@ -228,10 +249,22 @@ fn malformed_layers_are_refused_with_the_tensor_named() {
 
     for (js, needle) in [
         ("{not json", "not valid JSON"),
-        (r#"{"quant_type": "nf4", "blocksize": 64, "dtype": "float16"}"#, "shape"),
-        (r#"{"quant_type": "nf4", "blocksize": 0, "dtype": "float16", "shape": [16, 64]}"#, "blocksize"),
-        (r#"{"quant_type": "nf4", "blocksize": 64, "dtype": "float16", "shape": [4, 16, 16]}"#, "not 2-D"),
-        (r#"{"quant_type": "nf4", "blocksize": 64, "dtype": "float16", "shape": [16, 65]}"#, "holds 512 bytes"),
+        (
+            r#"{"quant_type": "nf4", "blocksize": 64, "dtype": "float16"}"#,
+            "shape",
+        ),
+        (
+            r#"{"quant_type": "nf4", "blocksize": 0, "dtype": "float16", "shape": [16, 64]}"#,
+            "blocksize",
+        ),
+        (
+            r#"{"quant_type": "nf4", "blocksize": 64, "dtype": "float16", "shape": [4, 16, 16]}"#,
+            "not 2-D",
+        ),
+        (
+            r#"{"quant_type": "nf4", "blocksize": 64, "dtype": "float16", "shape": [16, 65]}"#,
+            "holds 512 bytes",
+        ),
     ] {
         let mut m = layer_map(false);
         set_state(&mut m, QUANT_STATE_NF4, js);
