@@ -6,7 +6,8 @@
 //! of 30 blocks once (f32 weights: 425 MB, far beyond the caches, as in real decode). Knobs:
 //! `LORAPLEX_BENCH_RUNS` (repeats, the fastest is reported; default 7), `LORAPLEX_BENCH_LAYERS` (blocks
 //! in the whole-model pass; default 30), `LORAPLEX_BENCH_ONLY` (one section: `layers`,
-//! `crossover`, `micro` or `model`).
+//! `crossover`, `micro` or `model`), `LORAPLEX_BENCH_ROWS` (batch sizes of the whole-model pass,
+//! comma-separated; default `1,32`).
 
 use candle_core::{Device, Tensor};
 use loraplex::quant::kernels::{simd_available, KernelPath, FUSED_MAX_ROWS};
@@ -214,6 +215,15 @@ fn micro(runs: usize) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The batch sizes of the whole-model pass: `LORAPLEX_BENCH_ROWS` (comma-separated), else 1 and 32.
+fn model_rows() -> Vec<usize> {
+    std::env::var("LORAPLEX_BENCH_ROWS")
+        .ok()
+        .map(|v| v.split(',').filter_map(|n| n.trim().parse().ok()).collect())
+        .filter(|v: &Vec<usize>| !v.is_empty())
+        .unwrap_or(vec![1, 32])
+}
+
 /// Whole model: q, k, v, o, gate, up, down of every block, once per step.
 fn whole_model(runs: usize, blocks: usize) -> anyhow::Result<()> {
     let mut model = Vec::new();
@@ -240,7 +250,7 @@ fn whole_model(runs: usize, blocks: usize) -> anyhow::Result<()> {
         f32_mb as f64 / 1e6,
         nf4_mb as f64 / 1e6
     );
-    for n in [1, 32] {
+    for n in model_rows() {
         let xs: Vec<(Tensor, Tensor)> = [576, 1536]
             .iter()
             .map(|c| (input(n, *c).unwrap(), input(n, *c).unwrap()))

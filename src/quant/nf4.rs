@@ -282,13 +282,17 @@ impl Nf4Packed {
         match &self.absmax {
             Absmax::F32(a) => out.copy_from_slice(&a[first..first + out.len()]),
             Absmax::Nested(n) => {
-                let (mut hi, mut lo) = (first / n.blocksize, first % n.blocksize);
-                for (o, q) in out.iter_mut().zip(&n.codes[first..]) {
-                    *o = n.code[*q as usize] * n.absmax[hi] + n.offset;
-                    lo += 1;
-                    if lo == n.blocksize {
-                        (hi, lo) = (hi + 1, 0);
+                // Runs of blocks that share one second-level absmax.
+                let mut b = first;
+                let mut rest = out;
+                while !rest.is_empty() {
+                    let a2 = n.absmax[b / n.blocksize];
+                    let len = (n.blocksize - b % n.blocksize).min(rest.len());
+                    let (run, tail) = rest.split_at_mut(len);
+                    for (o, q) in run.iter_mut().zip(&n.codes[b..b + len]) {
+                        *o = n.code[*q as usize] * a2 + n.offset;
                     }
+                    (b, rest) = (b + len, tail);
                 }
             }
         }
