@@ -181,6 +181,13 @@ fn forward_keeps_leading_dims_adds_bias_and_refuses_bad_input() {
     let b = lin.forward(&xt.t().unwrap().contiguous().unwrap()).unwrap();
     let d = (a - b).unwrap().abs().unwrap().max_all().unwrap();
     assert_eq!(d.to_scalar::<f32>().unwrap(), 0.0);
+    // Empty shapes work.
+    let empty = Nf4Linear::new(quantize_nf4(&[], 3, 0, 64).unwrap(), None);
+    let x0 = Tensor::zeros((2, 0), candle_core::DType::F32, &Device::Cpu).unwrap();
+    assert_eq!(
+        empty.forward(&x0).unwrap().to_vec2::<f32>().unwrap(),
+        vec![vec![0f32; 3]; 2]
+    );
     // Wrong feature count, wrong dtype: errors, not panics.
     let bad = Tensor::zeros((2, 63), candle_core::DType::F32, &Device::Cpu).unwrap();
     assert!(lin.forward(&bad).is_err());

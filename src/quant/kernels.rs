@@ -76,6 +76,9 @@ pub fn matmul(
             n * w.cols
         );
     }
+    if w.cols == 0 {
+        return Ok(vec![0f32; n * w.rows]);
+    }
     let simd = simd_available();
     Ok(match path {
         KernelPath::Auto if n <= FUSED_MAX_ROWS => fused(w, x, n, simd),
@@ -358,10 +361,13 @@ pub fn grad_input(w: &Nf4Packed, grad_y: &Tensor) -> candle_core::Result<Tensor>
         );
     }
     let g = grad_y.detach().to_dtype(DType::F32)?;
+    let mut acc = Tensor::zeros((n, w.cols), DType::F32, grad_y.device())?;
+    if w.cols == 0 {
+        return Ok(acc);
+    }
     let simd = simd_available();
     // Bigger tiles than the forward's (about 1 MiB): each one is a candle gemm call.
-    let tile = ((1usize << 18) / w.cols.max(1)).clamp(16, 4096);
-    let mut acc = Tensor::zeros((n, w.cols), DType::F32, grad_y.device())?;
+    let tile = ((1usize << 18) / w.cols).clamp(16, 4096);
     for r0 in (0..rows).step_by(tile) {
         let t = tile.min(rows - r0);
         let mut scratch = vec![0f32; t * w.cols];
