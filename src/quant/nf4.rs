@@ -25,6 +25,10 @@
 //!   x86 builds contract each into one fused multiply-add — the map below reproduces the values
 //!   torch prints (checked against two published dumps of the table).
 //!
+//! The CUDA kernels are the reference (they quantized the published QLoRA checkpoints).
+//! bitsandbytes' torch-only fallback (`backends/default/ops.py`) picks codes by `argmin |x - code|`
+//! after clamping to [-1, 1]; it differs only for values within an ulp of a threshold.
+//!
 //! Where bitsandbytes itself is not deterministic this module picks one documented behaviour: the
 //! double-quantization offset is the f32 mean computed as `(exact-as-possible f64 sum, rounded to
 //! f32) / n` (torch's CPU `mean` is `sum / n`; its reduction order only matters when the f32 sum
@@ -59,7 +63,9 @@ pub const NF4_CODE: [f32; 16] = [
 ];
 
 /// `dQuantizeNF4`'s thresholds in ascending order (f32 literals of csrc/kernels.cu, written here
-/// with the kernel's digits so they round to the same f32).
+/// with the kernel's digits so they round to the same f32). The digits are the f64 midpoints of
+/// neighbouring codes; four of those midpoints are exact f32 ties, which the decimal literal
+/// resolves differently from `midpoint as f32`, so the literal is what counts.
 #[allow(clippy::excessive_precision)]
 const NF4_THRESHOLDS: [f32; 15] = [
     -0.8480964004993439,
