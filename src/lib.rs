@@ -10,6 +10,7 @@ pub mod fetch;
 pub mod generate;
 pub mod lora;
 pub mod model;
+pub mod quant;
 pub mod sampling;
 pub mod server;
 pub mod tokenize;

@@ -1,0 +1,16 @@
+//! NF4 (QLoRA's 4-bit NormalFloat) weights: bitsandbytes-exact quantization (`nf4`), the matmul
+//! kernels that use the packed form directly (`kernels`) and bitsandbytes' HF serialization
+//! (`bnb`).
+
+pub mod bnb;
+pub mod kernels;
+pub mod nf4;
+#[cfg(target_arch = "x86_64")]
+mod simd;
+
+pub use bnb::{is_bnb_layer, load_layer, save_layer, QuantizationConfig};
+pub use kernels::{KernelPath, Nf4Linear, Nf4MatmulOp};
+pub use nf4::{
+    dynamic_map, quantize_nf4, quantize_nf4_double, Absmax, NestedAbsmax, Nf4Packed,
+    DEFAULT_BLOCKSIZE, NESTED_BLOCKSIZE, NF4_CODE,
+};
