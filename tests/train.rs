@@ -303,6 +303,36 @@ fn memorises_sixteen_examples_and_the_adapter_is_served() {
     assert!(g.status.success(), "{}", String::from_utf8_lossy(&g.stderr));
     let v: Value = serde_json::from_slice(&g.stdout).unwrap();
     assert_eq!(v["text"], "A1-0");
+    // eval: base vs adapter on the training set (loss, exact match, format match).
+    let e = Command::new(bin())
+        .args([
+            "eval",
+            "--model",
+            r.model.to_str().unwrap(),
+            "--adapter",
+            &out,
+            "--data",
+            &r.p("train.jsonl"),
+            "--format-regex",
+            r"^A\d-\d$",
+            "--max-tokens",
+            "4",
+            "--json",
+        ])
+        .output()
+        .unwrap();
+    assert!(e.status.success(), "{}", String::from_utf8_lossy(&e.stderr));
+    let reports: Value = serde_json::from_slice(&e.stdout).unwrap();
+    let (base, adapted) = (&reports[0], &reports[1]);
+    assert_eq!(base["label"], "base");
+    assert_eq!(adapted["examples"], 16);
+    assert_eq!(adapted["exact_match"], 1.0, "{reports}");
+    assert_eq!(adapted["format_match"], 1.0);
+    assert!(base["format_match"].as_f64().unwrap() < 0.5);
+    assert!(
+        adapted["loss"].as_f64().unwrap() < 0.1 && base["loss"].as_f64().unwrap() > 1.0,
+        "{reports}"
+    );
 }
 
 #[test]

@@ -1,5 +1,6 @@
 //! The command line: clap definitions and the wiring of each command to the library.
 
+mod eval;
 mod generate;
 mod info;
 mod merge;
@@ -33,6 +34,8 @@ pub enum Command {
     Serve(serve::ServeArgs),
     /// Train a LoRA adapter (SFT or DPO) and write it in PEFT format.
     Train(train::TrainArgs),
+    /// Held-out loss, perplexity, exact match and format-match rate: base vs adapter.
+    Eval(eval::EvalArgs),
     /// Generate text from a prompt, optionally through one or more stacked adapters.
     Generate(generate::GenerateArgs),
     /// Merge adapters into the base and write an HF folder (config, safetensors, tokenizer).
@@ -82,6 +85,7 @@ pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Serve(a) => serve::run(a),
         Command::Train(a) => train::run(a),
+        Command::Eval(a) => eval::run(a),
         Command::Generate(a) => generate::run(a),
         Command::Merge(a) => merge::run(a),
         Command::Info(a) => info::run(a),

@@ -4,6 +4,7 @@
 
 pub mod config;
 pub mod data;
+pub mod eval;
 pub mod forward;
 pub mod frozen;
 pub mod optim;
