@@ -479,3 +479,72 @@ fn bad_training_input_is_refused_and_nothing_is_written() {
         .status
         .success());
 }
+
+#[test]
+fn dpo_training_prefers_chosen_answers_and_mix_blends_a_general_set() {
+    let r = tiny_run();
+    let prefs: Vec<String> = (0..8)
+        .map(|i| json!({"prompt": format!("p{i}?"), "chosen": format!("yes{i}"), "rejected": format!("no{i}")}).to_string())
+        .collect();
+    std::fs::write(r.dir.path().join("prefs.jsonl"), prefs.join("\n")).unwrap();
+    let out = r.p("dpo");
+    let o = r.train(&[
+        "--method",
+        "dpo",
+        "--data",
+        &r.p("prefs.jsonl"),
+        "--out",
+        &out,
+        "--max-steps",
+        "30",
+        "--lr",
+        "0.003",
+        "--beta",
+        "0.5",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let text = std::fs::read_to_string(Path::new(&out).join("metrics.jsonl")).unwrap();
+    let losses: Vec<f64> = text
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok()?["loss"].as_f64())
+        .collect();
+    // DPO starts at log 2 (policy = reference) and falls as the margin grows.
+    assert!(
+        (losses[0] - std::f64::consts::LN_2).abs() < 1e-3,
+        "first DPO loss {}",
+        losses[0]
+    );
+    assert!(
+        *losses.last().unwrap() < 0.3,
+        "DPO loss did not fall: {losses:?}"
+    );
+    // --mix: 16 domain examples keep a 0.8 share, so 4 general ones join them.
+    let o = r.train(&[
+        "--data",
+        &r.p("train.jsonl"),
+        "--out",
+        &r.p("mixed"),
+        "--max-steps",
+        "1",
+        "--mix",
+        &format!("{}:0.8", r.p("prefs-sft.jsonl")),
+    ]);
+    assert!(!o.status.success(), "a missing mix file is an error");
+    let general: Vec<String> = (0..8)
+        .map(|i| json!({"instruction": format!("g{i}"), "output": "ok"}).to_string())
+        .collect();
+    std::fs::write(r.dir.path().join("general.jsonl"), general.join("\n")).unwrap();
+    let o = r.train(&[
+        "--data",
+        &r.p("train.jsonl"),
+        "--out",
+        &r.p("mixed"),
+        "--max-steps",
+        "1",
+        "--mix",
+        &format!("{}:0.8", r.p("general.jsonl")),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let summary: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(summary["train_examples"], 20);
+}

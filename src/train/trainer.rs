@@ -26,6 +26,8 @@ pub struct Summary {
     pub best_val_loss: Option<f64>,
     pub stopped_early: bool,
     pub trainable_params: usize,
+    /// Training examples after mixing and the validation split.
+    pub train_examples: usize,
     pub tokens_per_second: f64,
     pub out: PathBuf,
 }
@@ -439,6 +441,7 @@ pub fn train(cfg: &TrainConfig, model: &LoadedModel) -> Result<Summary> {
         best_val_loss: st.best_val,
         stopped_early,
         trainable_params: lora.num_params(),
+        train_examples: n,
         tokens_per_second: tokens_seen as f64 / started.elapsed().as_secs_f64().max(1e-9),
         out: out.clone(),
     };
