@@ -83,6 +83,7 @@ fn throughput(m: &LoadedModel, stacks: &[Option<Arc<LoraStack>>], steps: usize) 
 }
 
 fn main() -> Result<()> {
+    loraplex::init_threads();
     if std::env::args().any(|a| a == "--list") {
         return Ok(());
     }

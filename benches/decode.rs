@@ -98,6 +98,7 @@ fn measure(
 }
 
 fn main() -> Result<()> {
+    loraplex::init_threads();
     if std::env::args().any(|a| a == "--list") {
         return Ok(());
     }
