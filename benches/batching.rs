@@ -6,46 +6,11 @@
 //! `LORAPLEX_BENCH_STEPS` (decode steps measured, default 16).
 
 use anyhow::Result;
-use candle_core::{Device, Tensor};
+use loraplex::lora::synthetic::write_synthetic_adapter;
 use loraplex::lora::{LoraAdapter, LoraStack};
 use loraplex::model::{self, LoadedModel, LogitsMode, Proj, SeqInput};
-use std::collections::HashMap;
-use std::path::Path;
 use std::sync::Arc;
 use std::time::Instant;
-
-fn write_adapter(dir: &Path, m: &LoadedModel, r: usize, seed: f64) -> Result<()> {
-    std::fs::create_dir_all(dir)?;
-    let cfg = &m.llama.cfg;
-    let mut t = HashMap::new();
-    for l in 0..cfg.num_hidden_layers {
-        for p in Proj::ALL {
-            let (i, o) = p.in_out(cfg);
-            let pre = format!(
-                "base_model.model.model.layers.{l}.{}.{}",
-                p.parent(),
-                p.name()
-            );
-            let wave = |n: usize, s: f64| -> Result<Tensor> {
-                Ok(((Tensor::arange(0f32, n as f32, &Device::Cpu)? * s)?.sin()? * 0.02)?)
-            };
-            t.insert(
-                format!("{pre}.lora_A.weight"),
-                wave(r * i, seed + l as f64)?.reshape((r, i))?,
-            );
-            t.insert(
-                format!("{pre}.lora_B.weight"),
-                wave(o * r, seed * 1.3 + l as f64)?.reshape((o, r))?,
-            );
-        }
-    }
-    candle_core::safetensors::save(&t, dir.join("adapter_model.safetensors"))?;
-    let targets: Vec<&str> = Proj::ALL.iter().map(|p| p.name()).collect();
-    let config = serde_json::json!({"peft_type": "LORA", "r": r, "lora_alpha": 2 * r,
-        "target_modules": targets, "bias": "none"});
-    std::fs::write(dir.join("adapter_config.json"), config.to_string())?;
-    Ok(())
-}
 
 /// Tokens per second over `steps` decode steps of `stacks.len()` sequences decoding together.
 fn throughput(m: &LoadedModel, stacks: &[Option<Arc<LoraStack>>], steps: usize) -> Result<f64> {
@@ -102,7 +67,7 @@ fn main() -> Result<()> {
     let mut stacks = Vec::new();
     for i in 0..4 {
         let p = dir.path().join(format!("a{i}"));
-        write_adapter(&p, &m, 16, 0.3 + i as f64)?;
+        write_synthetic_adapter(&p, &m.llama.cfg, 16, &Proj::ALL, 0.3 + i as f64, 0.02)?;
         let a = Arc::new(LoraAdapter::load(&format!("a{i}"), &p, &m.llama.cfg)?);
         stacks.push(Some(Arc::new(LoraStack::single(a, layers)?)));
     }

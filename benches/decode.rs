@@ -6,12 +6,10 @@
 //! default 64), `LORAPLEX_BENCH_RUNS` (repeats; the median is reported, default 3).
 
 use anyhow::Result;
-use candle_core::{Device, Tensor};
 use loraplex::generate::{generate, GenerationParams};
+use loraplex::lora::synthetic::write_synthetic_adapter;
 use loraplex::lora::{LoraAdapter, LoraStack};
 use loraplex::model::{self, LoadedModel, Proj};
-use std::collections::HashMap;
-use std::path::Path;
 use std::sync::Arc;
 
 fn env_usize(k: &str, d: usize) -> usize {
@@ -19,40 +17,6 @@ fn env_usize(k: &str, d: usize) -> usize {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(d)
-}
-
-/// Writes a PEFT adapter with deterministic non-zero weights.
-fn write_adapter(dir: &Path, m: &LoadedModel, r: usize, seed: f32) -> Result<()> {
-    std::fs::create_dir_all(dir)?;
-    let cfg = &m.llama.cfg;
-    let mut t = HashMap::new();
-    for l in 0..cfg.num_hidden_layers {
-        for p in Proj::ALL {
-            let (i, o) = p.in_out(cfg);
-            let pre = format!(
-                "base_model.model.model.layers.{l}.{}.{}",
-                p.parent(),
-                p.name()
-            );
-            let wave = |n: usize, s: f32| -> Result<Tensor> {
-                Ok(((Tensor::arange(0f32, n as f32, &Device::Cpu)? * (s as f64))?.sin()? * 0.02)?)
-            };
-            t.insert(
-                format!("{pre}.lora_A.weight"),
-                wave(r * i, seed + l as f32)?.reshape((r, i))?,
-            );
-            t.insert(
-                format!("{pre}.lora_B.weight"),
-                wave(o * r, seed * 1.3 + l as f32)?.reshape((o, r))?,
-            );
-        }
-    }
-    candle_core::safetensors::save(&t, dir.join("adapter_model.safetensors"))?;
-    let targets: Vec<&str> = Proj::ALL.iter().map(|p| p.name()).collect();
-    let config = serde_json::json!({"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r,
-        "lora_alpha": 2 * r, "target_modules": targets, "bias": "none", "lora_dropout": 0.0});
-    std::fs::write(dir.join("adapter_config.json"), config.to_string())?;
-    Ok(())
 }
 
 struct Row {
@@ -115,7 +79,14 @@ fn main() -> Result<()> {
     let layers = m.llama.cfg.num_hidden_layers;
     let mut adapters = Vec::new();
     for (i, name) in ["bench-a", "bench-b"].iter().enumerate() {
-        write_adapter(&dir.path().join(name), &m, 16, 0.37 + i as f32)?;
+        write_synthetic_adapter(
+            &dir.path().join(name),
+            &m.llama.cfg,
+            16,
+            &Proj::ALL,
+            0.37 + i as f64,
+            0.02,
+        )?;
         adapters.push(Arc::new(LoraAdapter::load(
             name,
             &dir.path().join(name),

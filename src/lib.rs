@@ -22,7 +22,9 @@ pub mod train;
 /// decoded token that costs about a third of single-stream decode speed on 2 cores.
 pub fn init_threads() {
     if std::env::var_os("RAYON_NUM_THREADS").is_none() {
-        let n = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+        let n = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1);
         std::env::set_var("RAYON_NUM_THREADS", n.to_string());
     }
 }

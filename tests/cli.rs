@@ -256,28 +256,7 @@ fn bad_inputs_are_clear_errors() {
     assert!(err.contains("model.safetensors"), "{err}");
     // Adapter for another base: q_proj A with 32 inputs instead of 64.
     let other = tmp.path().join("other-base");
-    std::fs::create_dir_all(&other).unwrap();
-    std::fs::copy(
-        tiny_adapter("attn-r4").join("adapter_config.json"),
-        other.join("adapter_config.json"),
-    )
-    .unwrap();
-    let dev = candle_core::Device::Cpu;
-    let mut t = std::collections::HashMap::new();
-    for l in 0..2 {
-        for m in ["q_proj", "v_proj"] {
-            let pre = format!("base_model.model.model.layers.{l}.self_attn.{m}");
-            t.insert(
-                format!("{pre}.lora_A.weight"),
-                candle_core::Tensor::zeros((4, 32), candle_core::DType::F32, &dev).unwrap(),
-            );
-            t.insert(
-                format!("{pre}.lora_B.weight"),
-                candle_core::Tensor::zeros((64, 4), candle_core::DType::F32, &dev).unwrap(),
-            );
-        }
-    }
-    candle_core::safetensors::save(&t, other.join("adapter_model.safetensors")).unwrap();
+    write_mismatched_adapter(&other, 32);
     let err = gen(p(&model), &["--adapter", p(&other)]);
     assert!(
         err.contains("lora_A.weight") && err.contains("[4, 32]") && err.contains("[4, 64]"),

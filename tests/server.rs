@@ -182,28 +182,7 @@ fn bad_input_gets_openai_errors_and_the_server_keeps_serving() {
     let f = fixture();
     // A folder whose tensors do not fit the base (picked up at start-up, used by name below).
     let bad = f.adapters.join("wrong-shape");
-    std::fs::create_dir_all(&bad).unwrap();
-    std::fs::copy(
-        tiny_adapter("attn-r4").join("adapter_config.json"),
-        bad.join("adapter_config.json"),
-    )
-    .unwrap();
-    let dev = candle_core::Device::Cpu;
-    let mut t = std::collections::HashMap::new();
-    for l in 0..2 {
-        for m in ["q_proj", "v_proj"] {
-            let pre = format!("base_model.model.model.layers.{l}.self_attn.{m}");
-            t.insert(
-                format!("{pre}.lora_A.weight"),
-                candle_core::Tensor::zeros((4, 48), candle_core::DType::F32, &dev).unwrap(),
-            );
-            t.insert(
-                format!("{pre}.lora_B.weight"),
-                candle_core::Tensor::zeros((64, 4), candle_core::DType::F32, &dev).unwrap(),
-            );
-        }
-    }
-    candle_core::safetensors::save(&t, bad.join("adapter_model.safetensors")).unwrap();
+    write_mismatched_adapter(&bad, 48);
     let server = f.serve(&[]);
     let chat = |extra: Value| {
         let mut b = json!({"model": BASE, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3});

@@ -5,45 +5,16 @@ mod common;
 
 use common::server::Server;
 use common::*;
+use loraplex::lora::synthetic::write_synthetic_adapter;
 use loraplex::model::Proj;
 use serde_json::{json, Value};
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-/// A PEFT adapter for the default model: r=8 on q_proj and v_proj, small deterministic weights.
+/// A PEFT adapter for the default model: r=8 on q_proj and v_proj.
 fn write_adapter(dir: &Path) {
     let m = loraplex::model::load(None).unwrap();
-    let cfg = &m.llama.cfg;
-    std::fs::create_dir_all(dir).unwrap();
-    let dev = candle_core::Device::Cpu;
-    let mut t = HashMap::new();
-    for l in 0..cfg.num_hidden_layers {
-        for p in [Proj::Q, Proj::V] {
-            let (i, o) = p.in_out(cfg);
-            let pre = format!("base_model.model.model.layers.{l}.self_attn.{}", p.name());
-            let wave = |n: usize, f: f64| {
-                ((candle_core::Tensor::arange(0f32, n as f32, &dev).unwrap() * f)
-                    .unwrap()
-                    .sin()
-                    .unwrap()
-                    * 0.25)
-                    .unwrap()
-            };
-            t.insert(
-                format!("{pre}.lora_A.weight"),
-                wave(8 * i, 0.37 + l as f64).reshape((8, i)).unwrap(),
-            );
-            t.insert(
-                format!("{pre}.lora_B.weight"),
-                wave(o * 8, 1.1 + l as f64).reshape((o, 8)).unwrap(),
-            );
-        }
-    }
-    candle_core::safetensors::save(&t, dir.join("adapter_model.safetensors")).unwrap();
-    let c = json!({"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": 8, "lora_alpha": 16,
-        "target_modules": ["q_proj", "v_proj"], "bias": "none", "lora_dropout": 0.0});
-    std::fs::write(dir.join("adapter_config.json"), c.to_string()).unwrap();
+    write_synthetic_adapter(dir, &m.llama.cfg, 8, &[Proj::Q, Proj::V], 0.37, 0.25).unwrap();
 }
 
 #[test]

@@ -5,6 +5,7 @@
 pub mod adapter;
 pub mod config;
 pub mod stack;
+pub mod synthetic;
 
 pub use adapter::{LoraAdapter, LoraModule};
 pub use config::PeftLoraConfig;

@@ -270,3 +270,27 @@ pub fn scaled_adapter(from: &str, dir: &std::path::Path, name: &str, factor: f64
     candle_core::safetensors::save(&scaled, out.join("adapter_model.safetensors")).unwrap();
     out
 }
+
+/// Writes an adapter (attn-r4's config) whose q/v lora_A takes `in_features` inputs: a mismatch
+/// for the tiny model (64) unless `in_features` is 64.
+pub fn write_mismatched_adapter(dir: &std::path::Path, in_features: usize) {
+    std::fs::create_dir_all(dir).unwrap();
+    std::fs::copy(
+        tiny_adapter("attn-r4").join("adapter_config.json"),
+        dir.join("adapter_config.json"),
+    )
+    .unwrap();
+    let dev = candle_core::Device::Cpu;
+    let zeros = |shape: (usize, usize)| {
+        candle_core::Tensor::zeros(shape, candle_core::DType::F32, &dev).unwrap()
+    };
+    let mut t = std::collections::HashMap::new();
+    for l in 0..2 {
+        for m in ["q_proj", "v_proj"] {
+            let pre = format!("base_model.model.model.layers.{l}.self_attn.{m}");
+            t.insert(format!("{pre}.lora_A.weight"), zeros((4, in_features)));
+            t.insert(format!("{pre}.lora_B.weight"), zeros((64, 4)));
+        }
+    }
+    candle_core::safetensors::save(&t, dir.join("adapter_model.safetensors")).unwrap();
+}
