@@ -50,7 +50,7 @@ pub fn eligible(model: &Llama, seqs: &[SeqInput<'_>], rows: usize) -> bool {
             Proj::ALL
                 .iter()
                 .filter_map(|&p| st.pair(l, p))
-                .all(|pair| readable(&pair.a) && readable(&pair.b))
+                .all(|pair| readable(&pair.a) && pair.b.t().is_ok_and(|bt| readable(&bt)))
         })
     });
     model_ok && stacks_ok
@@ -247,11 +247,11 @@ impl Projector<'_> {
                 for g in &self.groups.of_row {
                     let lr = match *g {
                         Some((gi, pos)) => match (&ab_views[pi][gi], t_index[pi][gi]) {
-                            (Some((_, b)), Some(ti)) => {
-                                let b = b.slice()?;
-                                let r = b.len() / n.max(1);
+                            (Some((_, bt)), Some(ti)) => {
+                                let bt = bt.slice()?;
+                                let r = bt.len() / n.max(1);
                                 Some(LowRank {
-                                    b,
+                                    bt,
                                     t: &ts[ti][pos * r..(pos + 1) * r],
                                 })
                             }

@@ -21,10 +21,11 @@ const TASK_ROWS: usize = 64;
 /// Below this many multiply-adds a call runs on the calling thread.
 const PARALLEL_MIN_WORK: usize = 1 << 15;
 
-/// A low-rank term for one input row: `y[j] += dot(b[j, ..], t)` with `b: [n, r]`, `t: [r]`.
+/// A low-rank term for one input row: `y[j] += Σ_r t[r] bt[r, j]` with `bt: [r, n]` (that is
+/// `B^T`, so that the sum runs along contiguous rows), `t: [r]`.
 #[derive(Clone, Copy, Debug)]
 pub struct LowRank<'a> {
-    pub b: &'a [f32],
+    pub bt: &'a [f32],
     pub t: &'a [f32],
 }
 
@@ -71,10 +72,10 @@ impl LinearJob<'_> {
             );
         }
         for lr in self.low_rank.iter().flatten() {
-            if lr.b.len() != n * lr.t.len() {
+            if lr.bt.len() != n * lr.t.len() {
                 candle_core::bail!(
-                    "linear_rows: low-rank b has {} values, expected {n}x{}",
-                    lr.b.len(),
+                    "linear_rows: low-rank bt has {} values, expected {}x{n}",
+                    lr.bt.len(),
                     lr.t.len()
                 );
             }
@@ -102,8 +103,10 @@ fn linear_rows_with(jobs: &[LinearJob<'_>], simd: bool) -> Result<Vec<Vec<f32>>>
         if job.m == 0 {
             continue;
         }
-        for (c, chunk) in out.chunks_mut(TASK_ROWS * job.m).enumerate() {
-            tasks.push((ji, c * TASK_ROWS, chunk));
+        // Small jobs (a LoRA `A`, 8-64 rows) still split in two, to spread over two threads.
+        let rows = TASK_ROWS.min(job.n.div_ceil(2).next_multiple_of(NR_ONE));
+        for (c, chunk) in out.chunks_mut(rows * job.m).enumerate() {
+            tasks.push((ji, c * rows, chunk));
         }
     }
     let work: usize = jobs.iter().map(|j| j.m * j.n * j.k).sum();
@@ -185,22 +188,38 @@ fn run_rows(job: &LinearJob<'_>, j0: usize, out: &mut [f32], simd: bool) {
             }
         }
     }
+    // Low-rank terms: the sum over r of rows of `bt`, in r order (no horizontal sums).
+    let n = job.n;
     for (i, lr) in job.low_rank.iter().enumerate() {
         let Some(lr) = lr else { continue };
-        let r = lr.t.len();
-        if r == 0 {
-            continue;
+        let mut acc = [0f32; TASK_ROWS];
+        let acc = &mut acc[..rows];
+        low_rank_cols(lr.bt, n, j0, lr.t, acc, simd);
+        for (jj, v) in acc.iter().enumerate() {
+            out[jj * m + i] += *v;
         }
-        let mut j = 0;
-        while j < rows {
-            let nr = (rows - j).min(NR_ONE);
-            let b = &lr.b[(j0 + j) * r..(j0 + j + nr) * r];
-            let tile = tile_any(lr.t, 1, b, nr, r, &[], simd);
-            for (jj, v) in tile[0].iter().enumerate().take(nr) {
-                out[(j + jj) * m + i] += *v;
-            }
-            j += nr;
+    }
+}
+
+/// `acc[c] = Σ_r t[r] bt[r, j0 + c]` for `bt: [t.len(), n]`, summed in `r` order with one
+/// multiply-add per step (the same arithmetic in the SIMD and scalar-tail lanes).
+fn low_rank_cols(bt: &[f32], n: usize, j0: usize, t: &[f32], acc: &mut [f32], simd: bool) {
+    let cols = acc.len();
+    // Bounds every read below (the last row read is `bt[(r-1)*n + j0 .. + cols]`).
+    let bt = &bt[..t.len().saturating_sub(1) * n + j0 + cols];
+    #[cfg(target_arch = "x86_64")]
+    if simd {
+        // SAFETY: `simd` is only true when `simd_available()` found AVX2 and FMA on this CPU.
+        unsafe { avx2::low_rank_cols(bt, n, j0, t, acc) };
+        return;
+    }
+    let _ = simd;
+    for (c, a) in acc.iter_mut().enumerate() {
+        let mut s = 0f32;
+        for (r, &tr) in t.iter().enumerate() {
+            s += tr * bt[r * n + j0 + c];
         }
+        *a = s;
     }
 }
 
@@ -296,83 +315,7 @@ fn scalar_tile<const M: usize, const N: usize>(x: &[f32], w: &[f32], k: usize) -
 }
 
 #[cfg(target_arch = "x86_64")]
-mod avx2 {
-    use std::arch::x86_64::*;
-
-    /// Dot products of `M` rows of `x` with `N` rows of `w`, `k` columns each.
-    ///
-    /// # Safety
-    /// The CPU must support AVX2 and FMA.
-    #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn tile<const M: usize, const N: usize>(
-        x: &[f32],
-        w: &[f32],
-        k: usize,
-        pf: &[f32],
-    ) -> [[f32; N]; M] {
-        // Slicing bounds every load below: row `i` of x is `x[i*k..(i+1)*k]`, likewise for w.
-        let (x, w) = (&x[..M * k], &w[..N * k]);
-        let (xp, wp) = (x.as_ptr(), w.as_ptr());
-        let full = k / 8 * 8;
-        let mut acc = [[_mm256_setzero_ps(); N]; M];
-        // Cache lines of `pf` (the next weight rows) to prefetch per iteration: its lines spread
-        // over the k/8 iterations.
-        let pf_step = (pf.len() / 16).div_ceil((full / 8).max(1)) * 16;
-        let mut pf_at = 0;
-        let mut c = 0;
-        while c < full {
-            let pf_end = (pf_at + pf_step).min(pf.len());
-            while pf_at < pf_end {
-                // SAFETY: pf_at < pf.len(), so the address is inside `pf`; a prefetch never faults.
-                unsafe { _mm_prefetch::<_MM_HINT_T0>(pf.as_ptr().add(pf_at) as *const i8) };
-                pf_at += 16;
-            }
-            let mut wv = [_mm256_setzero_ps(); N];
-            for (j, v) in wv.iter_mut().enumerate() {
-                // SAFETY: c + 8 <= full <= k, so j*k + c + 8 <= N*k = w.len().
-                *v = unsafe { _mm256_loadu_ps(wp.add(j * k + c)) };
-            }
-            for (i, acc_i) in acc.iter_mut().enumerate() {
-                // SAFETY: c + 8 <= k, so i*k + c + 8 <= M*k = x.len().
-                let xv = unsafe { _mm256_loadu_ps(xp.add(i * k + c)) };
-                for (a, wj) in acc_i.iter_mut().zip(wv.iter()) {
-                    *a = _mm256_fmadd_ps(xv, *wj, *a);
-                }
-            }
-            c += 8;
-        }
-        let mut out = [[0f32; N]; M];
-        for i in 0..M {
-            for j in 0..N {
-                let mut s = hsum(acc[i][j]);
-                for t in full..k {
-                    s = x[i * k + t].mul_add(w[j * k + t], s);
-                }
-                out[i][j] = s;
-            }
-        }
-        out
-    }
-
-    /// `y += a * x` with fused multiply-adds (LLVM vectorizes the loop to 8 lanes).
-    ///
-    /// # Safety
-    /// The CPU must support AVX2 and FMA.
-    #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn axpy(a: f32, x: &[f32], y: &mut [f32]) {
-        for (y, x) in y.iter_mut().zip(x) {
-            *y = a.mul_add(*x, *y);
-        }
-    }
-
-    /// `(l0+l4) + (l2+l6)` + `(l1+l5) + (l3+l7)`, the order `scalar_tile` mirrors.
-    #[target_feature(enable = "avx2,fma")]
-    fn hsum(v: __m256) -> f32 {
-        let q = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
-        let h = _mm_add_ps(q, _mm_movehl_ps(q, q));
-        _mm_cvtss_f32(_mm_add_ss(h, _mm_shuffle_ps::<1>(h, h)))
-    }
-}
+mod avx2;
 
 /// `dot(a, b)` with the same accumulation order as one element of `linear_rows`.
 pub fn dot(a: &[f32], b: &[f32]) -> f32 {
@@ -409,204 +352,21 @@ pub fn matvec_into(x: &[f32], w: &[f32], k: usize, out: &mut [f32]) -> Result<()
 
 /// `y += a * x` (elementwise, over the shorter of the two).
 pub fn axpy(a: f32, x: &[f32], y: &mut [f32]) {
+    axpy_with(a, x, y, simd_available())
+}
+
+fn axpy_with(a: f32, x: &[f32], y: &mut [f32], simd: bool) {
     #[cfg(target_arch = "x86_64")]
-    if simd_available() {
-        // SAFETY: AVX2 and FMA were just detected on this CPU.
+    if simd {
+        // SAFETY: `simd` is only true when `simd_available()` found AVX2 and FMA on this CPU.
         unsafe { avx2::axpy(a, x, y) };
         return;
     }
+    let _ = simd;
     for (y, x) in y.iter_mut().zip(x) {
         *y += a * *x;
     }
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use candle_core::{Device, Tensor};
-
-    fn randn(n: usize, seed: u64) -> Vec<f32> {
-        // A small deterministic generator: tests must not depend on global RNG state.
-        let mut s = seed
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        (0..n)
-            .map(|_| {
-                s = s
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-            })
-            .collect()
-    }
-
-    fn candle_linear(x: &[f32], m: usize, k: usize, w: &[f32], n: usize) -> Vec<f32> {
-        let x = Tensor::from_slice(x, (m, k), &Device::Cpu).unwrap();
-        let w = Tensor::from_slice(w, (n, k), &Device::Cpu).unwrap();
-        x.matmul(&w.t().unwrap())
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap()
-    }
-
-    fn close(a: &[f32], b: &[f32], tol: f32) {
-        assert_eq!(a.len(), b.len());
-        for (i, (x, y)) in a.iter().zip(b).enumerate() {
-            assert!((x - y).abs() <= tol * (1.0 + y.abs()), "at {i}: {x} vs {y}");
-        }
-    }
-
-    #[test]
-    fn matches_candle_matmul_on_odd_shapes() {
-        for (s, &(k, n)) in [
-            (1, 1),
-            (3, 5),
-            (7, 9),
-            (13, 33),
-            (64, 130),
-            (77, 67),
-            (300, 257),
-        ]
-        .iter()
-        .enumerate()
-        {
-            for m in 1..=17 {
-                let seed = (s * 100 + m) as u64;
-                let x = randn(m * k, seed);
-                let w = randn(n * k, seed + 7);
-                let job = LinearJob {
-                    x: &x,
-                    m,
-                    k,
-                    w: &w,
-                    n,
-                    bias: None,
-                    low_rank: vec![],
-                };
-                let want = candle_linear(&x, m, k, &w, n);
-                let scalar = linear_rows_with(&[job.clone()], false).unwrap().remove(0);
-                close(&scalar, &want, 1e-5);
-                let got = linear_rows(&[job]).unwrap().remove(0);
-                close(&got, &want, 1e-5);
-            }
-        }
-    }
-
-    #[test]
-    fn bias_and_low_rank_match_candle() {
-        let (m, k, n) = (5, 37, 70);
-        for r in [1, 4, 12, 16, 19] {
-            let x = randn(m * k, r as u64);
-            let w = randn(n * k, 11);
-            let bias = randn(n, 12);
-            let a = randn(r * k, 13);
-            let b = randn(n * r, 14);
-            // t = x A^T for rows 1 and 3 only.
-            let t = candle_linear(&x, m, k, &a, r);
-            let mut low_rank = vec![None; m];
-            for i in [1, 3] {
-                low_rank[i] = Some(LowRank {
-                    b: &b,
-                    t: &t[i * r..(i + 1) * r],
-                });
-            }
-            let job = LinearJob {
-                x: &x,
-                m,
-                k,
-                w: &w,
-                n,
-                bias: Some(&bias),
-                low_rank,
-            };
-            let got = linear_rows(&[job]).unwrap().remove(0);
-            let mut want = candle_linear(&x, m, k, &w, n);
-            let delta = candle_linear(&t, m, r, &b, n);
-            for i in 0..m {
-                for j in 0..n {
-                    want[i * n + j] += bias[j];
-                    if i == 1 || i == 3 {
-                        want[i * n + j] += delta[i * n + j];
-                    }
-                }
-            }
-            close(&got, &want, 1e-5);
-        }
-    }
-
-    #[test]
-    fn rows_do_not_depend_on_the_batch() {
-        let (k, n) = (45, 300);
-        let w = randn(n * k, 1);
-        let x = randn(17 * k, 2);
-        let all = linear_rows(&[LinearJob {
-            x: &x,
-            m: 17,
-            k,
-            w: &w,
-            n,
-            bias: None,
-            low_rank: vec![],
-        }])
-        .unwrap()
-        .remove(0);
-        for i in 0..17 {
-            let one = linear_rows(&[LinearJob {
-                x: &x[i * k..(i + 1) * k],
-                m: 1,
-                k,
-                w: &w,
-                n,
-                bias: None,
-                low_rank: vec![],
-            }])
-            .unwrap()
-            .remove(0);
-            assert_eq!(one, all[i * n..(i + 1) * n], "row {i}");
-            assert_eq!(dot(&x[i * k..(i + 1) * k], &w[..k]), all[i * n]);
-        }
-    }
-
-    #[test]
-    fn several_jobs_and_bad_shapes() {
-        let (k, m) = (20, 3);
-        let x = randn(m * k, 3);
-        let w1 = randn(10 * k, 4);
-        let w2 = randn(1000 * k, 5);
-        let jobs = [
-            LinearJob {
-                x: &x,
-                m,
-                k,
-                w: &w1,
-                n: 10,
-                bias: None,
-                low_rank: vec![],
-            },
-            LinearJob {
-                x: &x,
-                m,
-                k,
-                w: &w2,
-                n: 1000,
-                bias: None,
-                low_rank: vec![],
-            },
-        ];
-        let outs = linear_rows(&jobs).unwrap();
-        close(&outs[0], &candle_linear(&x, m, k, &w1, 10), 1e-5);
-        close(&outs[1], &candle_linear(&x, m, k, &w2, 1000), 1e-5);
-        let bad = LinearJob {
-            x: &x,
-            m,
-            k,
-            w: &w1,
-            n: 11,
-            bias: None,
-            low_rank: vec![],
-        };
-        assert!(linear_rows(&[bad]).is_err());
-    }
-}
+mod tests;
