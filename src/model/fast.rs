@@ -312,10 +312,11 @@ fn attend_head(
             *s = (*s - max).exp();
             sum += *s;
         }
-        let o = &mut out[i * hd..(i + 1) * hd];
-        for (j, s) in scores[..n].iter().enumerate() {
-            kernels::axpy(*s / sum, &v[j * row_stride..j * row_stride + hd], o);
+        for s in scores[..n].iter_mut() {
+            *s /= sum;
         }
+        let o = &mut out[i * hd..(i + 1) * hd];
+        kernels::weighted_rows_sum(&scores[..n], v, row_stride, o)?;
     }
     Ok(out)
 }

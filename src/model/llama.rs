@@ -4,6 +4,9 @@
 //! positions) and its own LoRA stack. The linear layers run over all rows of the batch at once;
 //! each group of rows that shares a LoRA stack gets that stack's delta added (a gather/scatter over
 //! the group's rows); attention runs per sequence on its own cache.
+//!
+//! That is the candle-op path (`Kernels::Candle`). Calls with few rows (decode steps) take the
+//! inference-only `model::fast` path instead, the same math on slices (`Kernels::Auto`).
 
 use super::config::LlamaConfig;
 use super::fast;

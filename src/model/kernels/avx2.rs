@@ -109,17 +109,6 @@ unsafe fn cols_block<const V: usize>(bt: &[f32], n: usize, c0: usize, t: &[f32],
     }
 }
 
-/// `y += a * x` with fused multiply-adds (LLVM vectorizes the loop to 8 lanes).
-///
-/// # Safety
-/// The CPU must support AVX2 and FMA.
-#[target_feature(enable = "avx2,fma")]
-pub(super) unsafe fn axpy(a: f32, x: &[f32], y: &mut [f32]) {
-    for (y, x) in y.iter_mut().zip(x) {
-        *y = a.mul_add(*x, *y);
-    }
-}
-
 /// `(l0+l4) + (l2+l6)` + `(l1+l5) + (l3+l7)`, the order `scalar_tile` mirrors.
 #[target_feature(enable = "avx2,fma")]
 fn hsum(v: __m256) -> f32 {

@@ -350,22 +350,28 @@ pub fn matvec_into(x: &[f32], w: &[f32], k: usize, out: &mut [f32]) -> Result<()
     Ok(())
 }
 
-/// `y += a * x` (elementwise, over the shorter of the two).
-pub fn axpy(a: f32, x: &[f32], y: &mut [f32]) {
-    axpy_with(a, x, y, simd_available())
-}
-
-fn axpy_with(a: f32, x: &[f32], y: &mut [f32], simd: bool) {
-    #[cfg(target_arch = "x86_64")]
-    if simd {
-        // SAFETY: `simd` is only true when `simd_available()` found AVX2 and FMA on this CPU.
-        unsafe { avx2::axpy(a, x, y) };
-        return;
+/// `out[c] = Σ_j weights[j] rows[j * stride + c]`: a weighted sum of rows `stride` apart (the
+/// attention's `p V`), summed in `j` order with fused multiply-adds where available.
+pub fn weighted_rows_sum(
+    weights: &[f32],
+    rows: &[f32],
+    stride: usize,
+    out: &mut [f32],
+) -> Result<()> {
+    let need = weights.len().saturating_sub(1) * stride + out.len();
+    if !weights.is_empty() && rows.len() < need {
+        candle_core::bail!(
+            "weighted_rows_sum: {} values, {} rows of stride {stride} need {need}",
+            rows.len(),
+            weights.len()
+        );
     }
-    let _ = simd;
-    for (y, x) in y.iter_mut().zip(x) {
-        *y += a * *x;
+    if weights.is_empty() {
+        out.fill(0.0);
+        return Ok(());
     }
+    low_rank_cols(rows, stride, 0, weights, out, simd_available());
+    Ok(())
 }
 
 #[cfg(test)]

@@ -194,3 +194,33 @@ fn several_jobs_and_bad_shapes() {
     };
     assert!(linear_rows(&[bad]).is_err());
 }
+
+#[test]
+fn attention_helpers_match_naive_sums() {
+    for (t, hd, stride) in [
+        (1, 16, 16),
+        (7, 64, 64),
+        (33, 64, 80),
+        (130, 13, 13),
+        (5, 100, 128),
+    ] {
+        let q = randn(hd, t as u64);
+        let rows = randn((t - 1) * stride + hd, 99);
+        let p = randn(t, 5);
+        let mut scores = vec![0f32; t];
+        if stride == hd {
+            matvec_into(&q, &rows, hd, &mut scores).unwrap();
+            for (j, s) in scores.iter().enumerate() {
+                let want: f32 = (0..hd).map(|c| q[c] * rows[j * hd + c]).sum();
+                assert!((s - want).abs() < 1e-4, "score {j}: {s} vs {want}");
+            }
+        }
+        let mut out = vec![0f32; hd];
+        weighted_rows_sum(&p, &rows, stride, &mut out).unwrap();
+        for (c, o) in out.iter().enumerate() {
+            let want: f32 = (0..t).map(|j| p[j] * rows[j * stride + c]).sum();
+            assert!((o - want).abs() < 1e-4, "column {c}: {o} vs {want}");
+        }
+        assert!(weighted_rows_sum(&p, &rows[..rows.len() - 1], stride, &mut out).is_err());
+    }
+}
