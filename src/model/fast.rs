@@ -194,13 +194,24 @@ impl Projector<'_> {
             .iter()
             .map(|p| blk.proj[p.index()].bias.as_ref().map(View::new).transpose())
             .collect::<Result<Vec<_>>>()?;
-        let ab_views = pairs
+        // B is read as `B^T: [R, out]`, contiguous (see `LoraPair::b`; `eligible` checked it).
+        let bts = pairs
             .iter()
             .map(|row| {
                 row.iter()
-                    .map(|pr| {
-                        pr.map(|pr| Ok((View::new(&pr.a)?, View::new(&pr.b)?)))
-                            .transpose()
+                    .map(|pr| pr.map(|pr| pr.b.t()).transpose())
+                    .collect::<Result<Vec<_>>>()
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let ab_views = pairs
+            .iter()
+            .zip(&bts)
+            .map(|(row, bt_row)| {
+                row.iter()
+                    .zip(bt_row)
+                    .map(|(pr, bt)| match (pr, bt) {
+                        (Some(pr), Some(bt)) => Ok(Some((View::new(&pr.a)?, View::new(bt)?))),
+                        _ => Ok(None),
                     })
                     .collect::<Result<Vec<_>>>()
             })
