@@ -16,7 +16,9 @@ use std::sync::Arc;
 pub struct LoraPair {
     /// `[R, in]`, R = sum of member ranks.
     pub a: Tensor,
-    /// `[out, R]`, each member's columns pre-multiplied by `weight * scaling`.
+    /// `[out, R]`, each member's columns pre-multiplied by `weight * scaling`. `LoraStack` builds
+    /// it as the transposed view of a contiguous `[R, out]` tensor (`b.t()`), the layout the fast
+    /// decode path reads (`y += Σ_r t_r B[:, r]` along contiguous rows).
     pub b: Tensor,
 }
 
@@ -72,7 +74,7 @@ impl LoraStack {
         for ((layer, proj), (a, b)) in parts {
             layers[layer][proj.index()] = Some(LoraPair {
                 a: Tensor::cat(&a, 0)?.contiguous()?,
-                b: Tensor::cat(&b, 1)?.contiguous()?,
+                b: Tensor::cat(&b, 1)?.t()?.contiguous()?.t()?,
             });
         }
         Ok(Self { members, layers })

@@ -4,8 +4,12 @@
 //! positions) and its own LoRA stack. The linear layers run over all rows of the batch at once;
 //! each group of rows that shares a LoRA stack gets that stack's delta added (a gather/scatter over
 //! the group's rows); attention runs per sequence on its own cache.
+//!
+//! That is the candle-op path (`Kernels::Candle`). Calls with few rows (decode steps) take the
+//! inference-only `model::fast` path instead, the same math on slices (`Kernels::Auto`).
 
 use super::config::LlamaConfig;
+use super::fast;
 use super::kv_cache::KvCache;
 use super::proj::Proj;
 use super::rope::Rope;
@@ -72,6 +76,17 @@ pub enum LogitsMode {
     Last,
     /// One row per new token, sequences one after another.
     All,
+}
+
+/// Which implementation runs a forward call.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Default)]
+pub enum Kernels {
+    /// The inference kernels of `model::fast` when the call has few rows (decode steps, up to
+    /// `fast::MAX_ROWS` new tokens in all) and f32 CPU weights; candle ops otherwise.
+    #[default]
+    Auto,
+    /// Candle ops only: the reference path, built from the ops a training step differentiates.
+    Candle,
 }
 
 /// Rows of the batch that share one LoRA stack.
@@ -235,9 +250,26 @@ impl Llama {
         Ok(())
     }
 
+    /// The RoPE tables.
+    pub fn rope(&self) -> &Rope {
+        &self.rope
+    }
+
     /// Runs one batched forward step and returns logits (`[rows, vocab]`, see `LogitsMode`).
     /// Each sequence's cache grows by its new tokens; on error no cache advances.
+    /// Inference only (`Kernels::Auto`); see `forward_with`.
     pub fn forward(&self, seqs: &mut [SeqInput<'_>], mode: LogitsMode) -> Result<Tensor> {
+        self.forward_with(seqs, mode, Kernels::Auto)
+    }
+
+    /// `forward` with a choice of implementation: `Kernels::Candle` always runs the candle-op
+    /// path; `Kernels::Auto` takes the fast inference path when the call qualifies.
+    pub fn forward_with(
+        &self,
+        seqs: &mut [SeqInput<'_>],
+        mode: LogitsMode,
+        kernels: Kernels,
+    ) -> Result<Tensor> {
         let cfg = &self.cfg;
         let total: usize = seqs.iter().map(|s| s.tokens.len()).sum();
         if seqs.iter().any(|s| s.tokens.is_empty()) {
@@ -259,6 +291,9 @@ impl Llama {
                 );
             }
             ids.extend_from_slice(s.tokens);
+        }
+        if kernels == Kernels::Auto && fast::eligible(self, seqs, total) {
+            return fast::forward(self, seqs, mode);
         }
         let groups = self.row_groups(seqs)?;
         let ids = Tensor::from_vec(ids, total, &self.device)?;

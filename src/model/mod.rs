@@ -3,6 +3,8 @@
 
 pub mod config;
 pub mod export;
+pub mod fast;
+pub mod kernels;
 pub mod kv_cache;
 pub mod llama;
 pub mod proj;
@@ -11,7 +13,7 @@ pub mod weights;
 
 pub use config::LlamaConfig;
 pub use kv_cache::KvCache;
-pub use llama::{Llama, LogitsMode, SeqInput};
+pub use llama::{Kernels, Llama, LogitsMode, SeqInput};
 pub use proj::Proj;
 
 use crate::tokenize::TextTokenizer;

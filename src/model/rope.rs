@@ -68,6 +68,11 @@ impl Rope {
         self.cos.dims()[0]
     }
 
+    /// The `(cos, sin)` tables, `[max_positions, head_dim / 2]` each (for the fast path).
+    pub fn tables(&self) -> (&Tensor, &Tensor) {
+        (&self.cos, &self.sin)
+    }
+
     /// Rotates `x` (`[heads, len, head_dim]`) whose rows sit at positions `offset..offset+len`.
     /// `differentiable` selects the composed ops that have a backward pass (training) instead of
     /// candle's fused kernel (inference).

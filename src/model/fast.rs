@@ -1,0 +1,534 @@
+//! The inference-only forward pass for few rows (decode steps, short prompt chunks).
+//!
+//! Same math as the candle-op path of `Llama::forward`, run on plain `f32` slices of the weights
+//! (read in place, no copies) with the kernels of `model::kernels`: per layer, one parallel pass
+//! over q/k/v, one over o, one over gate/up and one over down, each adding its LoRA deltas (per
+//! row group: `t = A x` for the group's rows, then `y += B t` inside the base pass); RMS norm,
+//! RoPE and attention over each sequence's KV cache on slices too. Only the KV cache writes go
+//! through candle ops. Every row is computed the same way whatever batch it is in.
+//!
+//! Nothing here has a backward pass; `Kernels::Candle` keeps the candle-op path for training.
+
+use super::kernels::{self, LinearJob, LowRank};
+use super::llama::{Llama, LogitsMode, SeqInput};
+use super::proj::Proj;
+use crate::lora::{LoraPair, LoraStack};
+use candle_core::{DType, Device, Result, Storage, StorageRef, Tensor};
+use rayon::prelude::*;
+use std::sync::Arc;
+
+/// The most rows (new tokens over all sequences) a forward call may have to take this path;
+/// more rows go to candle's gemm, which is faster there.
+pub const MAX_ROWS: usize = 16;
+
+/// Attention work (multiply-adds) from which sequences and heads are spread over threads.
+const ATTN_PARALLEL_MIN_WORK: usize = 1 << 16;
+
+/// Whether `t` can be read in place as a contiguous f32 CPU slice.
+fn readable(t: &Tensor) -> bool {
+    t.dtype() == DType::F32 && t.is_contiguous() && matches!(t.device(), Device::Cpu)
+}
+
+/// Whether this call can take the fast path: few rows, f32 CPU weights and stacks.
+pub fn eligible(model: &Llama, seqs: &[SeqInput<'_>], rows: usize) -> bool {
+    if rows > MAX_ROWS || !matches!(model.device(), Device::Cpu) {
+        return false;
+    }
+    let (cos, sin) = model.rope().tables();
+    let model_ok = [&model.embed, &model.norm, &model.lm_head, cos, sin]
+        .into_iter()
+        .chain(model.blocks.iter().flat_map(|b| {
+            [&b.attn_norm, &b.mlp_norm].into_iter().chain(
+                b.proj
+                    .iter()
+                    .flat_map(|p| std::iter::once(&p.weight).chain(&p.bias)),
+            )
+        }))
+        .all(readable);
+    let stacks_ok = seqs.iter().filter_map(|s| s.lora.as_ref()).all(|st| {
+        (0..model.blocks.len()).all(|l| {
+            Proj::ALL
+                .iter()
+                .filter_map(|&p| st.pair(l, p))
+                .all(|pair| readable(&pair.a) && pair.b.t().is_ok_and(|bt| readable(&bt)))
+        })
+    });
+    model_ok && stacks_ok
+}
+
+/// A read-locked f32 CPU tensor: its storage and where its elements start.
+struct View<'a> {
+    guard: StorageRef<'a>,
+    start: usize,
+    len: usize,
+}
+
+impl<'a> View<'a> {
+    /// Any f32 CPU tensor; `slice()` then covers everything from its first element to the end of
+    /// its layout's span (strides are the caller's business).
+    fn new(t: &'a Tensor) -> Result<Self> {
+        let (guard, layout) = t.storage_and_layout();
+        if t.dtype() != DType::F32 {
+            candle_core::bail!("fast path: expected f32, found {:?}", t.dtype());
+        }
+        let start = layout.start_offset();
+        let span = match layout.contiguous_offsets() {
+            Some((a, b)) => b - a,
+            None => {
+                // Furthest element reachable through the strides, plus one.
+                1 + layout
+                    .dims()
+                    .iter()
+                    .zip(layout.stride())
+                    .map(|(&d, &s)| d.saturating_sub(1) * s)
+                    .sum::<usize>()
+            }
+        };
+        Ok(Self {
+            guard,
+            start,
+            len: if t.elem_count() == 0 { 0 } else { span },
+        })
+    }
+
+    fn slice(&self) -> Result<&[f32]> {
+        match &*self.guard {
+            Storage::Cpu(cpu) => {
+                let all = cpu.as_slice::<f32>()?;
+                match all.get(self.start..self.start + self.len) {
+                    Some(s) => Ok(s),
+                    None => candle_core::bail!("fast path: tensor layout exceeds its storage"),
+                }
+            }
+            _ => candle_core::bail!("fast path: tensor is not on the CPU"),
+        }
+    }
+}
+
+/// Rows grouped by LoRA stack (identity of the `Arc`), as in the candle path.
+struct Groups {
+    /// Each stack with its rows, in batch order.
+    list: Vec<(Arc<LoraStack>, Vec<usize>)>,
+    /// Per row: its group and its position in that group.
+    of_row: Vec<Option<(usize, usize)>>,
+}
+
+impl Groups {
+    fn new(seqs: &[SeqInput<'_>]) -> Self {
+        let mut list: Vec<(Arc<LoraStack>, Vec<usize>)> = Vec::new();
+        let mut of_row = Vec::new();
+        let mut r = 0;
+        for s in seqs {
+            let n = s.tokens.len();
+            match &s.lora {
+                Some(stack) => {
+                    let gi = match list.iter().position(|(st, _)| Arc::ptr_eq(st, stack)) {
+                        Some(gi) => gi,
+                        None => {
+                            list.push((stack.clone(), Vec::new()));
+                            list.len() - 1
+                        }
+                    };
+                    for row in r..r + n {
+                        of_row.push(Some((gi, list[gi].1.len())));
+                        list[gi].1.push(row);
+                    }
+                }
+                None => of_row.extend(std::iter::repeat_n(None, n)),
+            }
+            r += n;
+        }
+        Self { list, of_row }
+    }
+}
+
+/// `x / sqrt(mean(x²) + eps) * alpha` per row, as candle's `rms_norm` computes it.
+fn rms_norm(x: &[f32], alpha: &[f32], eps: f32) -> Vec<f32> {
+    let n = alpha.len();
+    let mut out = vec![0f32; x.len()];
+    for (src, dst) in x.chunks(n).zip(out.chunks_mut(n)) {
+        let sum2 = src.iter().map(|&v| v * v).sum::<f32>();
+        let m = (sum2 / n as f32 + eps).sqrt();
+        for ((d, s), a) in dst.iter_mut().zip(src).zip(alpha) {
+            *d = *s / m * *a;
+        }
+    }
+    out
+}
+
+/// Rotate-half RoPE of one token's heads (`[heads * hd]`) with that position's tables.
+fn rope_row(v: &mut [f32], hd: usize, cos: &[f32], sin: &[f32]) {
+    let half = hd / 2;
+    for head in v.chunks_mut(hd) {
+        let (a, b) = head.split_at_mut(half);
+        for (((x1, x2), c), s) in a.iter_mut().zip(b.iter_mut()).zip(cos).zip(sin) {
+            let (u, w) = (*x1, *x2);
+            *x1 = u * c - w * s;
+            *x2 = u * s + w * c;
+        }
+    }
+}
+
+/// One linear call's inputs: the rows and which projections of which layer to apply.
+struct Projector<'m> {
+    model: &'m Llama,
+    groups: &'m Groups,
+}
+
+impl Projector<'_> {
+    /// `x: [m, k]` through each projection of `projs` (base + bias + each row's LoRA delta).
+    fn run(&self, x: &[f32], m: usize, layer: usize, projs: &[Proj]) -> Result<Vec<Vec<f32>>> {
+        let blk = &self.model.blocks[layer];
+        let k = x.len() / m.max(1);
+        let groups = &self.groups.list;
+        let pairs: Vec<Vec<Option<&LoraPair>>> = projs
+            .iter()
+            .map(|&p| groups.iter().map(|(st, _)| st.pair(layer, p)).collect())
+            .collect();
+        // Read locks on everything this call reads.
+        let w_views = projs
+            .iter()
+            .map(|p| View::new(&blk.proj[p.index()].weight))
+            .collect::<Result<Vec<_>>>()?;
+        let bias_views = projs
+            .iter()
+            .map(|p| blk.proj[p.index()].bias.as_ref().map(View::new).transpose())
+            .collect::<Result<Vec<_>>>()?;
+        // B is read as `B^T: [R, out]`, contiguous (see `LoraPair::b`; `eligible` checked it).
+        let bts = pairs
+            .iter()
+            .map(|row| {
+                row.iter()
+                    .map(|pr| pr.map(|pr| pr.b.t()).transpose())
+                    .collect::<Result<Vec<_>>>()
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let ab_views = pairs
+            .iter()
+            .zip(&bts)
+            .map(|(row, bt_row)| {
+                row.iter()
+                    .zip(bt_row)
+                    .map(|(pr, bt)| match (pr, bt) {
+                        (Some(pr), Some(bt)) => Ok(Some((View::new(&pr.a)?, View::new(bt)?))),
+                        _ => Ok(None),
+                    })
+                    .collect::<Result<Vec<_>>>()
+            })
+            .collect::<Result<Vec<_>>>()?;
+        // Each group's own rows of x (none needed when the group is the whole batch).
+        let gathered: Vec<Option<Vec<f32>>> = groups
+            .iter()
+            .map(|(_, rows)| {
+                (rows.len() != m).then(|| {
+                    rows.iter()
+                        .flat_map(|&r| x[r * k..(r + 1) * k].iter().copied())
+                        .collect()
+                })
+            })
+            .collect();
+        // Phase 1: t = x A^T for every (projection, group) with a pair.
+        let mut t_jobs = Vec::new();
+        let mut t_index = vec![vec![None; groups.len()]; projs.len()];
+        for (pi, row) in ab_views.iter().enumerate() {
+            for (gi, ab) in row.iter().enumerate() {
+                let Some((a, _)) = ab else { continue };
+                let a = a.slice()?;
+                let rows = &groups[gi].1;
+                t_index[pi][gi] = Some(t_jobs.len());
+                t_jobs.push(LinearJob {
+                    x: gathered[gi].as_deref().unwrap_or(x),
+                    m: rows.len(),
+                    k,
+                    w: a,
+                    n: a.len() / k.max(1),
+                    bias: None,
+                    low_rank: vec![],
+                });
+            }
+        }
+        let ts = kernels::linear_rows(&t_jobs)?;
+        // Phase 2: the base projections with bias and each row's `B t`.
+        let mut jobs = Vec::with_capacity(projs.len());
+        for (pi, &p) in projs.iter().enumerate() {
+            let w = w_views[pi].slice()?;
+            let n = p.in_out(&self.model.cfg).1;
+            let mut low_rank = Vec::new();
+            if t_index[pi].iter().any(Option::is_some) {
+                for g in &self.groups.of_row {
+                    let lr = match *g {
+                        Some((gi, pos)) => match (&ab_views[pi][gi], t_index[pi][gi]) {
+                            (Some((_, bt)), Some(ti)) => {
+                                let bt = bt.slice()?;
+                                let r = bt.len() / n.max(1);
+                                Some(LowRank {
+                                    bt,
+                                    t: &ts[ti][pos * r..(pos + 1) * r],
+                                })
+                            }
+                            _ => None,
+                        },
+                        None => None,
+                    };
+                    low_rank.push(lr);
+                }
+            }
+            jobs.push(LinearJob {
+                x,
+                m,
+                k,
+                w,
+                n,
+                bias: bias_views[pi].as_ref().map(View::slice).transpose()?,
+                low_rank,
+            });
+        }
+        kernels::linear_rows(&jobs)
+    }
+}
+
+/// Causal attention of one sequence's `len` new rows at offset `off` for one query head:
+/// `q: [len, hd]` (already rotated), keys/values of its KV head `t` rows apart by `row_stride`.
+#[allow(clippy::too_many_arguments)]
+fn attend_head(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    row_stride: usize,
+    t: usize,
+    off: usize,
+    hd: usize,
+    scale: f32,
+) -> Result<Vec<f32>> {
+    let len = q.len() / hd;
+    let mut out = vec![0f32; len * hd];
+    let mut scores = vec![0f32; t];
+    for i in 0..len {
+        let n = (off + i + 1).min(t);
+        let qi = &q[i * hd..(i + 1) * hd];
+        if row_stride == hd {
+            kernels::matvec_into(qi, &k[..n * hd], hd, &mut scores[..n])?;
+        } else {
+            for (j, s) in scores[..n].iter_mut().enumerate() {
+                *s = kernels::dot(qi, &k[j * row_stride..j * row_stride + hd]);
+            }
+        }
+        let mut max = f32::NEG_INFINITY;
+        for s in scores[..n].iter_mut() {
+            *s *= scale;
+            max = max.max(*s);
+        }
+        let mut sum = 0f32;
+        for s in scores[..n].iter_mut() {
+            *s = (*s - max).exp();
+            sum += *s;
+        }
+        for s in scores[..n].iter_mut() {
+            *s /= sum;
+        }
+        let o = &mut out[i * hd..(i + 1) * hd];
+        kernels::weighted_rows_sum(&scores[..n], v, row_stride, o)?;
+    }
+    Ok(out)
+}
+
+/// Attention of every sequence: RoPE on q/k, K/V appended to the caches, one output row per
+/// input row (`[m, heads * hd]`).
+fn attention(
+    model: &Llama,
+    seqs: &mut [SeqInput<'_>],
+    layer: usize,
+    q: &mut [f32],
+    k: &mut [f32],
+    v: &[f32],
+) -> Result<Vec<f32>> {
+    let cfg = &model.cfg;
+    let (nh, nkv, hd) = (
+        cfg.num_attention_heads,
+        cfg.num_key_value_heads,
+        cfg.head_dim,
+    );
+    let group = cfg.gqa_group();
+    let scale = (1.0 / (hd as f64).sqrt()) as f32;
+    let (cos_t, sin_t) = model.rope().tables();
+    let (cos_v, sin_v) = (View::new(cos_t)?, View::new(sin_t)?);
+    let (cos, sin) = (cos_v.slice()?, sin_v.slice()?);
+    let half = hd / 2;
+    // RoPE and cache writes, sequence by sequence; keep each sequence's full K/V history.
+    let mut hist = Vec::with_capacity(seqs.len());
+    let mut r0 = 0;
+    for s in seqs.iter_mut() {
+        let (len, off) = (s.tokens.len(), s.cache.len());
+        let mut kh = vec![0f32; nkv * len * hd];
+        let mut vh = vec![0f32; nkv * len * hd];
+        for i in 0..len {
+            let pos = off + i;
+            let (c, sn) = (
+                &cos[pos * half..(pos + 1) * half],
+                &sin[pos * half..(pos + 1) * half],
+            );
+            rope_row(
+                &mut q[(r0 + i) * nh * hd..(r0 + i + 1) * nh * hd],
+                hd,
+                c,
+                sn,
+            );
+            let kr = &mut k[(r0 + i) * nkv * hd..(r0 + i + 1) * nkv * hd];
+            rope_row(kr, hd, c, sn);
+            let vr = &v[(r0 + i) * nkv * hd..(r0 + i + 1) * nkv * hd];
+            for h in 0..nkv {
+                let dst = (h * len + i) * hd;
+                kh[dst..dst + hd].copy_from_slice(&kr[h * hd..(h + 1) * hd]);
+                vh[dst..dst + hd].copy_from_slice(&vr[h * hd..(h + 1) * hd]);
+            }
+        }
+        let kt = Tensor::from_vec(kh, (nkv, len, hd), model.device())?;
+        let vt = Tensor::from_vec(vh, (nkv, len, hd), model.device())?;
+        hist.push(s.cache.append(layer, &kt, &vt)?);
+        r0 += len;
+    }
+    // (sequence, query head) pairs, each attending over its KV head's history.
+    let mut work = Vec::with_capacity(seqs.len() * nh);
+    let mut r0 = 0;
+    let mut total = 0;
+    for (si, s) in seqs.iter().enumerate() {
+        let len = s.tokens.len();
+        let t = hist[si].0.dims()[1];
+        for h in 0..nh {
+            work.push((si, r0, len, s.cache.len(), h));
+        }
+        total += nh * len * t * hd;
+        r0 += len;
+    }
+    let views = hist
+        .iter()
+        .map(|(kt, vt)| {
+            Ok((
+                View::new(kt)?,
+                View::new(vt)?,
+                kt.layout().stride().to_vec(),
+            ))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let q: &[f32] = q;
+    let one = |&(si, r0, len, off, h): &(usize, usize, usize, usize, usize)| {
+        let (kv, vv, stride) = &views[si];
+        let (ks, vs) = (kv.slice()?, vv.slice()?);
+        if stride.len() != 3 || stride[2] != 1 {
+            candle_core::bail!("fast path: unexpected KV cache layout {stride:?}");
+        }
+        let t = hist[si].0.dims()[1];
+        let base = (h / group) * stride[0];
+        let span = (t.max(1) - 1) * stride[1] + hd;
+        let mut qh = Vec::with_capacity(len * hd);
+        for i in 0..len {
+            let row = (r0 + i) * nh * hd + h * hd;
+            qh.extend_from_slice(&q[row..row + hd]);
+        }
+        let (kk, vvs) = (&ks[base..base + span], &vs[base..base + span]);
+        attend_head(&qh, kk, vvs, stride[1], t, off, hd, scale)
+    };
+    let outs: Vec<Vec<f32>> = if total >= ATTN_PARALLEL_MIN_WORK {
+        work.par_iter().map(one).collect::<Result<_>>()?
+    } else {
+        work.iter().map(one).collect::<Result<_>>()?
+    };
+    let m = r0;
+    let mut attn = vec![0f32; m * nh * hd];
+    for (&(_, r0, len, _, h), o) in work.iter().zip(&outs) {
+        for i in 0..len {
+            let dst = (r0 + i) * nh * hd + h * hd;
+            attn[dst..dst + hd].copy_from_slice(&o[i * hd..(i + 1) * hd]);
+        }
+    }
+    Ok(attn)
+}
+
+/// The forward pass on slices. The caller has validated the tokens and checked `eligible`;
+/// caches are committed only when every layer succeeded.
+pub fn forward(model: &Llama, seqs: &mut [SeqInput<'_>], mode: LogitsMode) -> Result<Tensor> {
+    if rayon::current_thread_index().is_some() {
+        return forward_on_pool(model, seqs, mode);
+    }
+    // Run the whole call on one of rayon's threads: its many parallel passes then start from
+    // inside the pool instead of each blocking the calling thread and waking it afterwards
+    // (measured: 5-10% faster decode on 2 cores).
+    rayon::scope(|_| forward_on_pool(model, seqs, mode))
+}
+
+fn forward_on_pool(model: &Llama, seqs: &mut [SeqInput<'_>], mode: LogitsMode) -> Result<Tensor> {
+    let cfg = &model.cfg;
+    let h = cfg.hidden_size;
+    let eps = cfg.rms_norm_eps as f32;
+    let groups = Groups::new(seqs);
+    let lin = Projector {
+        model,
+        groups: &groups,
+    };
+    let m = groups.of_row.len();
+    let mut x = Vec::with_capacity(m * h);
+    {
+        let ev = View::new(&model.embed)?;
+        let embed = ev.slice()?;
+        for s in seqs.iter() {
+            for &t in s.tokens {
+                let t = t as usize;
+                x.extend_from_slice(&embed[t * h..(t + 1) * h]);
+            }
+        }
+    }
+    for (l, blk) in model.blocks.iter().enumerate() {
+        let norm = rms_norm(&x, View::new(&blk.attn_norm)?.slice()?, eps);
+        let mut qkv = lin
+            .run(&norm, m, l, &[Proj::Q, Proj::K, Proj::V])?
+            .into_iter();
+        let (Some(mut q), Some(mut k), Some(v)) = (qkv.next(), qkv.next(), qkv.next()) else {
+            candle_core::bail!("fast path: q/k/v projections missing");
+        };
+        let attn = attention(model, seqs, l, &mut q, &mut k, &v)?;
+        let o = lin.run(&attn, m, l, &[Proj::O])?;
+        for (a, b) in x.iter_mut().zip(&o[0]) {
+            *a += *b;
+        }
+        let norm = rms_norm(&x, View::new(&blk.mlp_norm)?.slice()?, eps);
+        let gu = lin.run(&norm, m, l, &[Proj::Gate, Proj::Up])?;
+        let act: Vec<f32> = gu[0]
+            .iter()
+            .zip(&gu[1])
+            .map(|(&g, &u)| g / (1.0 + (-g).exp()) * u)
+            .collect();
+        let down = lin.run(&act, m, l, &[Proj::Down])?;
+        for (a, b) in x.iter_mut().zip(&down[0]) {
+            *a += *b;
+        }
+    }
+    for s in seqs.iter_mut() {
+        s.cache.commit();
+    }
+    let x = match mode {
+        LogitsMode::All => x,
+        LogitsMode::Last => {
+            let mut last = Vec::with_capacity(seqs.len() * h);
+            let mut r = 0;
+            for s in seqs.iter() {
+                r += s.tokens.len();
+                last.extend_from_slice(&x[(r - 1) * h..r * h]);
+            }
+            last
+        }
+    };
+    let rows = x.len() / h;
+    let x = rms_norm(&x, View::new(&model.norm)?.slice()?, eps);
+    let lm = View::new(&model.lm_head)?;
+    let logits = kernels::linear_rows(&[LinearJob {
+        x: &x,
+        m: rows,
+        k: h,
+        w: lm.slice()?,
+        n: cfg.vocab_size,
+        bias: None,
+        low_rank: vec![],
+    }])?
+    .remove(0);
+    Tensor::from_vec(logits, (rows, cfg.vocab_size), model.device())
+}

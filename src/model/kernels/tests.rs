@@ -1,0 +1,226 @@
+//! The kernels against candle's matmul on random shapes, and their batch invariance.
+
+use super::*;
+use candle_core::{Device, Tensor};
+
+fn randn(n: usize, seed: u64) -> Vec<f32> {
+    // A small deterministic generator: tests must not depend on global RNG state.
+    let mut s = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    (0..n)
+        .map(|_| {
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        })
+        .collect()
+}
+
+fn candle_linear(x: &[f32], m: usize, k: usize, w: &[f32], n: usize) -> Vec<f32> {
+    let x = Tensor::from_slice(x, (m, k), &Device::Cpu).unwrap();
+    let w = Tensor::from_slice(w, (n, k), &Device::Cpu).unwrap();
+    x.matmul(&w.t().unwrap())
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap()
+}
+
+fn close(a: &[f32], b: &[f32], tol: f32) {
+    assert_eq!(a.len(), b.len());
+    for (i, (x, y)) in a.iter().zip(b).enumerate() {
+        assert!((x - y).abs() <= tol * (1.0 + y.abs()), "at {i}: {x} vs {y}");
+    }
+}
+
+#[test]
+fn matches_candle_matmul_on_odd_shapes() {
+    for (s, &(k, n)) in [
+        (1, 1),
+        (3, 5),
+        (7, 9),
+        (13, 33),
+        (64, 130),
+        (77, 67),
+        (300, 257),
+    ]
+    .iter()
+    .enumerate()
+    {
+        for m in 1..=17 {
+            let seed = (s * 100 + m) as u64;
+            let x = randn(m * k, seed);
+            let w = randn(n * k, seed + 7);
+            let job = LinearJob {
+                x: &x,
+                m,
+                k,
+                w: &w,
+                n,
+                bias: None,
+                low_rank: vec![],
+            };
+            let want = candle_linear(&x, m, k, &w, n);
+            let scalar = linear_rows_with(std::slice::from_ref(&job), false)
+                .unwrap()
+                .remove(0);
+            close(&scalar, &want, 1e-5);
+            let got = linear_rows(&[job]).unwrap().remove(0);
+            close(&got, &want, 1e-5);
+        }
+    }
+}
+
+#[test]
+fn bias_and_low_rank_match_candle() {
+    let (m, k, n) = (5, 37, 70);
+    for r in [1, 4, 12, 16, 19] {
+        let x = randn(m * k, r as u64);
+        let w = randn(n * k, 11);
+        let bias = randn(n, 12);
+        let a = randn(r * k, 13);
+        let b = randn(n * r, 14);
+        let bt = transpose(b.clone(), n, r);
+        // t = x A^T for rows 1 and 3 only.
+        let t = candle_linear(&x, m, k, &a, r);
+        let mut low_rank = vec![None; m];
+        for i in [1, 3] {
+            low_rank[i] = Some(LowRank {
+                bt: &bt,
+                t: &t[i * r..(i + 1) * r],
+            });
+        }
+        let job = LinearJob {
+            x: &x,
+            m,
+            k,
+            w: &w,
+            n,
+            bias: Some(&bias),
+            low_rank,
+        };
+        let scalar = linear_rows_with(std::slice::from_ref(&job), false)
+            .unwrap()
+            .remove(0);
+        let got = linear_rows(&[job]).unwrap().remove(0);
+        let mut want = candle_linear(&x, m, k, &w, n);
+        let delta = candle_linear(&t, m, r, &b, n);
+        for i in 0..m {
+            for j in 0..n {
+                want[i * n + j] += bias[j];
+                if i == 1 || i == 3 {
+                    want[i * n + j] += delta[i * n + j];
+                }
+            }
+        }
+        close(&got, &want, 1e-5);
+        close(&scalar, &want, 1e-5);
+    }
+}
+
+#[test]
+fn rows_do_not_depend_on_the_batch() {
+    let (k, n) = (45, 300);
+    let w = randn(n * k, 1);
+    let x = randn(17 * k, 2);
+    let all = linear_rows(&[LinearJob {
+        x: &x,
+        m: 17,
+        k,
+        w: &w,
+        n,
+        bias: None,
+        low_rank: vec![],
+    }])
+    .unwrap()
+    .remove(0);
+    for i in 0..17 {
+        let one = linear_rows(&[LinearJob {
+            x: &x[i * k..(i + 1) * k],
+            m: 1,
+            k,
+            w: &w,
+            n,
+            bias: None,
+            low_rank: vec![],
+        }])
+        .unwrap()
+        .remove(0);
+        assert_eq!(one, all[i * n..(i + 1) * n], "row {i}");
+        assert_eq!(dot(&x[i * k..(i + 1) * k], &w[..k]), all[i * n]);
+    }
+}
+
+#[test]
+fn several_jobs_and_bad_shapes() {
+    let (k, m) = (20, 3);
+    let x = randn(m * k, 3);
+    let w1 = randn(10 * k, 4);
+    let w2 = randn(1000 * k, 5);
+    let jobs = [
+        LinearJob {
+            x: &x,
+            m,
+            k,
+            w: &w1,
+            n: 10,
+            bias: None,
+            low_rank: vec![],
+        },
+        LinearJob {
+            x: &x,
+            m,
+            k,
+            w: &w2,
+            n: 1000,
+            bias: None,
+            low_rank: vec![],
+        },
+    ];
+    let outs = linear_rows(&jobs).unwrap();
+    close(&outs[0], &candle_linear(&x, m, k, &w1, 10), 1e-5);
+    close(&outs[1], &candle_linear(&x, m, k, &w2, 1000), 1e-5);
+    let bad = LinearJob {
+        x: &x,
+        m,
+        k,
+        w: &w1,
+        n: 11,
+        bias: None,
+        low_rank: vec![],
+    };
+    assert!(linear_rows(&[bad]).is_err());
+}
+
+#[test]
+fn attention_helpers_match_naive_sums() {
+    for (t, hd, stride) in [
+        (1, 16, 16),
+        (7, 64, 64),
+        (33, 64, 80),
+        (130, 13, 13),
+        (5, 100, 128),
+    ] {
+        let q = randn(hd, t as u64);
+        let rows = randn((t - 1) * stride + hd, 99);
+        let p = randn(t, 5);
+        let mut scores = vec![0f32; t];
+        if stride == hd {
+            matvec_into(&q, &rows, hd, &mut scores).unwrap();
+            for (j, s) in scores.iter().enumerate() {
+                let want: f32 = (0..hd).map(|c| q[c] * rows[j * hd + c]).sum();
+                assert!((s - want).abs() < 1e-4, "score {j}: {s} vs {want}");
+            }
+        }
+        let mut out = vec![0f32; hd];
+        weighted_rows_sum(&p, &rows, stride, &mut out).unwrap();
+        for (c, o) in out.iter().enumerate() {
+            let want: f32 = (0..t).map(|j| p[j] * rows[j * stride + c]).sum();
+            assert!((o - want).abs() < 1e-4, "column {c}: {o} vs {want}");
+        }
+        assert!(weighted_rows_sum(&p, &rows[..rows.len() - 1], stride, &mut out).is_err());
+    }
+}
