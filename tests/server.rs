@@ -554,3 +554,65 @@ fn a_full_queue_answers_429_with_retry_after() {
     let resp = ureq::get(&format!("{}/health", server.url)).call().unwrap();
     assert_eq!(resp.status(), 200);
 }
+
+#[test]
+fn preload_chunked_prefill_n_choices_single_load_and_graceful_shutdown() {
+    let f = fixture();
+    let mut server = f.serve(&["--preload", "attn-r4", "--prefill-chunk", "4"]);
+    // Preloaded before any request.
+    let (_, list) = server.get("/v1/adapters");
+    let list: Value = serde_json::from_str(&list).unwrap();
+    let attn = list["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["name"] == "attn-r4")
+        .unwrap();
+    assert_eq!(attn["state"], "loaded");
+    // A 20-token prompt prefilled in chunks of 4 gives what `generate` gives.
+    let prompt: Vec<u32> = (0..20).map(|i| (i * 13 % 250) as u32 + 3).collect();
+    let want = f.generate_alone(&prompt, &[("attn-r4", 1.0)], 6);
+    let (code, body) = server.post("/v1/completions", &completion("attn-r4", &prompt, 6));
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(body["choices"][0]["text"], want.as_str());
+    // n = 3 sampled choices, seeded per choice.
+    let b = json!({"model": BASE, "prompt": [1, 2, 3], "max_tokens": 8, "temperature": 1.0, "seed": 11, "n": 3, "ignore_eos": true});
+    let (code, body) = server.post("/v1/completions", &b);
+    assert_eq!(code, 200, "{body}");
+    let texts: Vec<&str> = body["choices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["text"].as_str().unwrap())
+        .collect();
+    assert_eq!(texts.len(), 3);
+    assert!(texts[0] != texts[1] || texts[1] != texts[2], "{texts:?}");
+    assert_eq!(body["usage"]["completion_tokens"], 24);
+    assert_eq!(
+        server.post("/v1/completions", &b).1["choices"],
+        body["choices"],
+        "same seed, same choices"
+    );
+    // Eight concurrent first requests for one adapter load it once.
+    let loads_before = server.metric("loraplex_adapter_load_seconds_count");
+    std::thread::scope(|scope| {
+        for _ in 0..8 {
+            let server = &server;
+            scope.spawn(move || {
+                assert_eq!(
+                    server
+                        .post("/v1/completions", &completion("rslora-r16", &[1, 2], 2))
+                        .0,
+                    200
+                )
+            });
+        }
+    });
+    assert_eq!(
+        server.metric("loraplex_adapter_load_seconds_count") - loads_before,
+        1.0
+    );
+    // SIGTERM: a clean exit.
+    let status = server.terminate();
+    assert!(status.success(), "{status}");
+}

@@ -50,6 +50,13 @@ impl Server {
         }
     }
 
+    /// Sends SIGTERM and waits for the process; returns its exit status.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let pid = self.child.id().to_string();
+        Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+        self.child.wait().unwrap()
+    }
+
     pub fn post(&self, path: &str, body: &Value) -> (u16, Value) {
         self.post_with(path, body, None)
     }
