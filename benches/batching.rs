@@ -1,5 +1,5 @@
 //! Aggregate decode throughput of continuous batching on the default model: N sequences decoding
-//! together in one forward per step, all on the base, or spread over 4 different adapters (r=16,
+//! together each step (in forward calls of at most `fast::MAX_ROWS` rows, as the scheduler does), all on the base, or spread over 4 different adapters (r=16,
 //! all seven linear modules) — the multi-adapter case llama.cpp cannot batch.
 //!
 //! `cargo bench --bench batching`. Knobs: `LORAPLEX_BENCH_BATCHES` (default "1,4,16,32"),
@@ -8,7 +8,7 @@
 use anyhow::Result;
 use loraplex::lora::synthetic::write_synthetic_adapter;
 use loraplex::lora::{LoraAdapter, LoraStack};
-use loraplex::model::{self, LoadedModel, LogitsMode, Proj, SeqInput};
+use loraplex::model::{self, fast, LoadedModel, LogitsMode, Proj, SeqInput};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -41,8 +41,12 @@ fn throughput(m: &LoadedModel, stacks: &[Option<Arc<LoraStack>>], steps: usize) 
                 lora: lora.clone(),
             })
             .collect();
-        let l = m.llama.forward(&mut seqs, LogitsMode::Last)?;
-        next = l.argmax(1)?.to_vec1::<u32>()?;
+        // As the scheduler does: decode rows in calls of at most `fast::MAX_ROWS`.
+        next.clear();
+        for chunk in seqs.chunks_mut(fast::MAX_ROWS) {
+            let l = m.llama.forward(chunk, LogitsMode::Last)?;
+            next.extend(l.argmax(1)?.to_vec1::<u32>()?);
+        }
     }
     Ok((n * steps) as f64 / t0.elapsed().as_secs_f64())
 }

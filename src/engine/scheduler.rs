@@ -2,7 +2,8 @@
 
 use super::{EngineConfig, EngineEvent, Submission};
 use crate::generate::SequenceState;
-use crate::model::{KvCache, LoadedModel, LogitsMode, SeqInput};
+use crate::model::{fast, KvCache, LoadedModel, LogitsMode, SeqInput};
+use candle_core::Tensor;
 use prometheus::{Histogram, HistogramOpts, IntCounter, IntGauge, Registry};
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -200,7 +201,32 @@ fn step(
                 lora: r.sub.req.lora.clone(),
             });
         }
-        model.llama.forward(&mut seqs, LogitsMode::Last)
+        // Calls of at most `fast::MAX_ROWS` rows take the fast few-row path (bit-identical per row
+        // whatever the batch); a bigger prompt chunk goes alone through the gemm path.
+        let mut parts = Vec::new();
+        let mut start = 0;
+        let mut failed = None;
+        while start < seqs.len() {
+            let (mut end, mut rows) = (start, 0);
+            while end < seqs.len()
+                && (end == start || rows + seqs[end].tokens.len() <= fast::MAX_ROWS)
+            {
+                rows += seqs[end].tokens.len();
+                end += 1;
+            }
+            match model.llama.forward(&mut seqs[start..end], LogitsMode::Last) {
+                Ok(l) => parts.push(l),
+                Err(e) => {
+                    failed = Some(e);
+                    break;
+                }
+            }
+            start = end;
+        }
+        match failed {
+            Some(e) => Err(e),
+            None => Tensor::cat(&parts, 0),
+        }
     };
     let logits = match logits {
         Ok(l) => l,
