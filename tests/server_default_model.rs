@@ -24,23 +24,7 @@ fn openai_client_and_batched_equality_on_the_default_model() {
     let adapters = tmp.path().join("adapters");
     write_adapter(&adapters.join("chatbot"));
     let server = Server::start(&["--adapters-dir", adapters.to_str().unwrap()]);
-    let python = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python");
-    assert!(
-        python.is_file(),
-        "run scripts/test.sh once: it creates .venv with the openai package"
-    );
-    let out = Command::new(&python)
-        .arg(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/openai_client.py"))
-        .args([&server.url, loraplex::fetch::DEFAULT_MODEL_ID, "chatbot"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let seen: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let seen = server.run_openai_client(loraplex::fetch::DEFAULT_MODEL_ID, "chatbot");
     let base_answer = seen[loraplex::fetch::DEFAULT_MODEL_ID]["chat"]
         .as_str()
         .unwrap();

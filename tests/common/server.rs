@@ -57,6 +57,29 @@ impl Server {
         self.child.wait().unwrap()
     }
 
+    /// Runs tests/openai_client.py (the official `openai` package, from `.venv`) against this
+    /// server for `base` and `adapter`; asserts it passed and returns what it printed.
+    pub fn run_openai_client(&self, base: &str, adapter: &str) -> Value {
+        let root = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+        let python = root.join(".venv/bin/python");
+        assert!(
+            python.is_file(),
+            "run scripts/test.sh once: it creates .venv with the openai package"
+        );
+        let out = Command::new(&python)
+            .arg(root.join("tests/openai_client.py"))
+            .args([&self.url, base, adapter])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+
     pub fn post(&self, path: &str, body: &Value) -> (u16, Value) {
         self.post_with(path, body, None)
     }
