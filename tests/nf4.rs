@@ -2,6 +2,9 @@
 //! bitsandbytes' published algorithm, written here from the published code values and rules
 //! (not by calling the module's helpers), plus values torch prints for the 8-bit dynamic map.
 
+mod common;
+use common::normal;
+
 use loraplex::quant::nf4::{quantize_blockwise_8bit, quantize_dynamic_value};
 use loraplex::quant::{
     dynamic_map, quantize_nf4, quantize_nf4_double, Absmax, Nf4Packed, NF4_CODE,
@@ -164,25 +167,6 @@ fn ref_blockwise8(v: &[f32], code: &[f32], bs: usize) -> (Vec<u8>, Vec<f32>) {
 }
 
 // ---------- fixtures ----------
-
-/// Deterministic N(0, sigma) values (LCG + Box-Muller).
-fn normal(n: usize, seed: u64, sigma: f64) -> Vec<f32> {
-    let mut s = seed
-        .wrapping_mul(6364136223846793005)
-        .wrapping_add(1442695040888963407);
-    let mut uni = move || {
-        s = s
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        ((s >> 11) as f64 + 0.5) / (1u64 << 53) as f64
-    };
-    (0..n)
-        .map(|_| {
-            let (u1, u2) = (uni(), uni());
-            ((-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos() * sigma) as f32
-        })
-        .collect()
-}
 
 /// Blocks with absmax exactly 1.0 holding every threshold, its f32 neighbours and every code
 /// value (so the scaled value is the value itself), a block whose absmax is a negative element, a

@@ -1,27 +1,12 @@
 //! NF4 kernels: every path against dequantize → dense matmul, the backward pass against the dense
 //! gradient and finite differences, and the resident-memory ratio on the default model's shapes.
 
+mod common;
+use common::normal;
+
 use candle_core::{Device, Tensor, Var};
 use loraplex::quant::kernels::{matmul, simd_available, KernelPath};
 use loraplex::quant::{quantize_nf4, quantize_nf4_double, Nf4Linear, Nf4Packed};
-
-fn normal(n: usize, seed: u64, sigma: f64) -> Vec<f32> {
-    let mut s = seed
-        .wrapping_mul(6364136223846793005)
-        .wrapping_add(1442695040888963407);
-    let mut uni = move || {
-        s = s
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        ((s >> 11) as f64 + 0.5) / (1u64 << 53) as f64
-    };
-    (0..n)
-        .map(|_| {
-            let (u1, u2) = (uni(), uni());
-            ((-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos() * sigma) as f32
-        })
-        .collect()
-}
 
 /// y = x W^T with W dequantized, in f64 (the reference), and the scale of |x| |W| for tolerances.
 fn dense_ref(w: &Nf4Packed, x: &[f32], n: usize) -> (Vec<f64>, Vec<f64>) {

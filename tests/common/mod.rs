@@ -294,3 +294,22 @@ pub fn write_mismatched_adapter(dir: &std::path::Path, in_features: usize) {
     }
     candle_core::safetensors::save(&t, dir.join("adapter_model.safetensors")).unwrap();
 }
+
+/// Deterministic N(0, sigma) values (LCG + Box-Muller).
+pub fn normal(n: usize, seed: u64, sigma: f64) -> Vec<f32> {
+    let mut s = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    let mut uni = move || {
+        s = s
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        ((s >> 11) as f64 + 0.5) / (1u64 << 53) as f64
+    };
+    (0..n)
+        .map(|_| {
+            let (u1, u2) = (uni(), uni());
+            ((-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos() * sigma) as f32
+        })
+        .collect()
+}
