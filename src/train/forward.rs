@@ -5,7 +5,7 @@
 
 use super::frozen::frozen_linear;
 use super::params::LoraParams;
-use crate::model::{rope, Llama, LlamaConfig, Proj};
+use crate::model::{Llama, LlamaConfig, Proj};
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor, D};
 use rand::{Rng, SeedableRng};
@@ -54,19 +54,14 @@ impl TrainBase {
                 bias,
             });
         }
-        let inv: Vec<f64> = rope::inv_freq(&cfg).into_iter().map(f64::from).collect();
-        let half = inv.len();
-        let n = cfg.max_position_embeddings;
-        let freqs: Vec<f64> = (0..n)
-            .flat_map(|p| inv.iter().map(move |f| p as f64 * f))
-            .collect();
-        let freqs = Tensor::from_vec(freqs, (n, half), &Device::Cpu)?.to_dtype(DType::F32)?;
+        // The same tables inference uses, in the training dtype.
+        let (cos, sin) = llama.rope().tables();
         Ok(Self {
             embed: c(&llama.embed)?,
             norm: c(&llama.norm)?,
             lm_head: c(&llama.lm_head)?,
-            cos: freqs.cos()?.to_dtype(dtype)?,
-            sin: freqs.sin()?.to_dtype(dtype)?,
+            cos: cos.to_dtype(dtype)?,
+            sin: sin.to_dtype(dtype)?,
             layers,
             cfg,
             dtype,

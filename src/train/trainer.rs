@@ -426,12 +426,13 @@ pub fn train(cfg: &TrainConfig, model: &LoadedModel) -> Result<Summary> {
     }
     pb.finish_and_clear();
     // The output adapter: the best by validation loss when there was validation, else the last.
-    lora.save_peft(&out, &base_name, cfg.dropout)?;
     if out.join("best").join("adapter_model.safetensors").is_file() {
         for f in ["adapter_model.safetensors", "adapter_config.json"] {
             std::fs::copy(out.join("best").join(f), out.join(format!(".{f}.tmp")))?;
             std::fs::rename(out.join(format!(".{f}.tmp")), out.join(f))?;
         }
+    } else {
+        lora.save_peft(&out, &base_name, cfg.dropout)?;
     }
     super::plot::loss_curve(&out.join("metrics.jsonl"), &out.join("loss.png"))?;
     let summary = Summary {
