@@ -11,11 +11,6 @@ mod registry;
 
 pub use registry::{AdapterError, AdapterMetrics, AdapterRegistry, AdapterSummary, CachedAdapter};
 
-/// Creates the adapter cache metrics in `registry`.
-pub fn registry_metrics(registry: &prometheus::Registry) -> prometheus::Result<AdapterMetrics> {
-    AdapterMetrics::new(registry)
-}
-
 /// Whether `name` is an acceptable adapter name: `[A-Za-z0-9._-]{1,64}`, not `.` or `..`.
 pub fn valid_name(name: &str) -> bool {
     (1..=64).contains(&name.len())

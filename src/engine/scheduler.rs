@@ -238,12 +238,11 @@ fn step(
                     .events
                     .send(EngineEvent::Error(format!("inference failed: {e}")));
             }
-            let failed: Vec<usize> = plan.iter().map(|p| p.0).collect();
-            let mut idx = 0;
-            running.retain(|_| {
-                idx += 1;
-                !failed.contains(&(idx - 1))
-            });
+            let mut failed = vec![false; running.len()];
+            for (i, _, _) in &plan {
+                failed[*i] = true;
+            }
+            retire(running, &failed);
             return;
         }
     };
@@ -296,9 +295,14 @@ fn step(
             }
         }
     }
+    retire(running, &finished);
+}
+
+/// Drops the sequences marked in `marked` (by index), freeing their caches.
+fn retire(running: &mut Vec<Running>, marked: &[bool]) {
     let mut idx = 0;
     running.retain(|_| {
         idx += 1;
-        !finished[idx - 1]
+        !marked[idx - 1]
     });
 }

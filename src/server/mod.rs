@@ -16,8 +16,7 @@ mod stream;
 pub use config::ServeConfig;
 pub use errors::ApiError;
 
-use crate::adapters::registry_metrics;
-use crate::adapters::AdapterRegistry;
+use crate::adapters::{AdapterMetrics, AdapterRegistry};
 use crate::engine::{EngineConfig, EngineHandle, EngineMetrics};
 use crate::lora::AdapterSpec;
 use crate::model::LoadedModel;
@@ -136,7 +135,7 @@ pub async fn build_state(cfg: &ServeConfig) -> Result<Shared> {
     let bytes: usize = model.llama.bytes_by_dtype().iter().map(|(_, b)| b).sum();
     metrics.base_bytes.set(bytes as i64);
     let model = Arc::new(model);
-    let adapter_metrics = Arc::new(registry_metrics(&metrics.registry)?);
+    let adapter_metrics = Arc::new(AdapterMetrics::new(&metrics.registry)?);
     let adapters = Arc::new(AdapterRegistry::new(
         cfg.adapters_dir.clone(),
         cfg.allow_adapter_paths_outside,
