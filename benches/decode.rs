@@ -1,5 +1,6 @@
 //! Prefill and single-stream decode speed on the default model: base, one adapter (r=16 on all
-//! seven linear modules), a stack of two, and the adapter merged into the base.
+//! seven linear modules), a stack of two, the adapter merged into the base, and the NF4-quantized
+//! base (plain, with the adapter, with double quantization).
 //!
 //! `cargo bench --bench decode` (fetches the default model on first use). Knobs:
 //! `LORAPLEX_BENCH_PROMPT` (prompt tokens, default 128), `LORAPLEX_BENCH_DECODE` (generated tokens,
@@ -9,7 +10,7 @@ use anyhow::Result;
 use loraplex::generate::{generate, GenerationParams};
 use loraplex::lora::synthetic::write_synthetic_adapter;
 use loraplex::lora::{LoraAdapter, LoraStack};
-use loraplex::model::{self, LoadedModel, Proj};
+use loraplex::model::{self, LoadedModel, Nf4Settings, Proj};
 use std::sync::Arc;
 
 fn env_usize(k: &str, d: usize) -> usize {
@@ -122,6 +123,28 @@ fn main() -> Result<()> {
     rows.push(measure(
         "adapter merged into base",
         &merged,
+        &prompt,
+        None,
+        n,
+        runs,
+    )?);
+    let mut nf4 = model::load(None)?;
+    nf4.quantize(Some(Nf4Settings::new(false)))?;
+    rows.push(measure("NF4 base", &nf4, &prompt, None, n, runs)?);
+    rows.push(measure(
+        "NF4 base + adapter r16",
+        &nf4,
+        &prompt,
+        Some(one.clone()),
+        n,
+        runs,
+    )?);
+    drop(nf4);
+    let mut nf4dq = model::load(None)?;
+    nf4dq.quantize(Some(Nf4Settings::new(true)))?;
+    rows.push(measure(
+        "NF4 + double quant base",
+        &nf4dq,
         &prompt,
         None,
         n,

@@ -113,6 +113,9 @@ fn main() -> anyhow::Result<()> {
     if want("model") {
         whole_model(runs, blocks)?;
     }
+    if want("decode") {
+        decode_rows(runs, blocks)?;
+    }
     Ok(())
 }
 
@@ -224,22 +227,22 @@ fn model_rows() -> Vec<usize> {
         .unwrap_or(vec![1, 32])
 }
 
+/// The linear shapes of one block: q, k, v, o, gate, up, down.
+const BLOCK: [(usize, usize); 7] = [
+    (576, 576),
+    (192, 576),
+    (192, 576),
+    (576, 576),
+    (1536, 576),
+    (1536, 576),
+    (576, 1536),
+];
+
 /// Whole model: q, k, v, o, gate, up, down of every block, once per step.
 fn whole_model(runs: usize, blocks: usize) -> anyhow::Result<()> {
     let mut model = Vec::new();
     for b in 0..blocks {
-        for (i, (rows, cols)) in [
-            (576, 576),
-            (192, 576),
-            (192, 576),
-            (576, 576),
-            (1536, 576),
-            (1536, 576),
-            (576, 1536),
-        ]
-        .into_iter()
-        .enumerate()
-        {
+        for (i, (rows, cols)) in BLOCK.into_iter().enumerate() {
             model.push(layer(rows, cols, (b * 7 + i) as u64)?);
         }
     }
@@ -280,6 +283,129 @@ fn whole_model(runs: usize, blocks: usize) -> anyhow::Result<()> {
             q * 1e3,
             n as f64 / q,
             f / q
+        );
+    }
+    Ok(())
+}
+
+/// The decode row kernel (`dot_rows_into`, int16) vs the exact fused f32 kernel, the `Auto` path
+/// and candle's f32 matmul, over every linear layer of `blocks` blocks, single-threaded.
+fn decode_rows(runs: usize, blocks: usize) -> anyhow::Result<()> {
+    use loraplex::quant::kernels::matmul;
+    use loraplex::quant::{dot_rows_into, Nf4Input};
+    let mut model = Vec::new();
+    for b in 0..blocks {
+        for (i, (rows, cols)) in BLOCK.into_iter().enumerate() {
+            model.push(layer(rows, cols, (b * 7 + i) as u64)?);
+        }
+    }
+    let weights_per_pass: usize = model.iter().map(|l| l.dense.elem_count()).sum();
+    let rows_list: Vec<usize> = std::env::var("LORAPLEX_BENCH_DECODE_ROWS")
+        .ok()
+        .map(|v| v.split(',').filter_map(|n| n.trim().parse().ok()).collect())
+        .filter(|v: &Vec<usize>| !v.is_empty())
+        .unwrap_or(vec![1, 4, 16]);
+    println!(
+        "\ndecode row kernel, {} layers ({:.1} M weights), one thread; ms per pass (G weights/s):",
+        model.len(),
+        weights_per_pass as f64 / 1e6
+    );
+    println!(
+        "{:>4} {:>18} {:>18} {:>18} {:>18} {:>9}",
+        "rows", "f32 candle", "nf4 auto", "nf4 fused exact", "nf4 int16 (new)", "new/fused"
+    );
+    for n in rows_list {
+        let xs: Vec<Vec<f32>> = [576, 1536]
+            .iter()
+            .map(|c| weights(n * c, 11 + n as u64))
+            .collect();
+        let pick = |cols: usize| if cols == 576 { &xs[0] } else { &xs[1] };
+        let tensors: Vec<Tensor> = xs
+            .iter()
+            .zip([576, 1536])
+            .map(|(x, c)| Tensor::from_slice(x, (n, c), &Device::Cpu).unwrap())
+            .collect();
+        let pick_t = |cols: usize| {
+            if cols == 576 {
+                &tensors[0]
+            } else {
+                &tensors[1]
+            }
+        };
+        let mut out = vec![0f32; 1536 * n];
+        let t = time_all(
+            runs,
+            &mut [
+                &mut || {
+                    for l in &model {
+                        let x = pick_t(l.dense.dim(1).unwrap());
+                        x.matmul(&l.dense.t().unwrap()).unwrap();
+                    }
+                },
+                &mut || {
+                    for l in &model {
+                        let w = l.nf4.weight();
+                        matmul(w, pick(w.cols), n, KernelPath::Auto).unwrap();
+                    }
+                },
+                &mut || {
+                    for l in &model {
+                        let w = l.nf4.weight();
+                        matmul(w, pick(w.cols), n, KernelPath::Fused).unwrap();
+                    }
+                },
+                &mut || {
+                    for l in &model {
+                        let w = l.nf4.weight();
+                        let input = Nf4Input::new(pick(w.cols), n, w.cols);
+                        dot_rows_into(w, 0, w.rows, &input, &mut out, n).unwrap();
+                    }
+                },
+            ],
+        );
+        // The new path's two halves: preparing the inputs, and the kernel on prepared inputs.
+        let inputs: Vec<Nf4Input> = [576, 1536]
+            .iter()
+            .map(|c| Nf4Input::new(pick(*c), n, *c))
+            .collect();
+        let parts = time_all(
+            runs,
+            &mut [
+                &mut || {
+                    for l in &model {
+                        let w = l.nf4.weight();
+                        std::hint::black_box(Nf4Input::new(pick(w.cols), n, w.cols));
+                    }
+                },
+                &mut || {
+                    for l in &model {
+                        let w = l.nf4.weight();
+                        let input = &inputs[usize::from(w.cols != 576)];
+                        dot_rows_into(w, 0, w.rows, input, &mut out, n).unwrap();
+                    }
+                },
+            ],
+        );
+        let cell = |s: f64| {
+            format!(
+                "{:>8.2} ({:>6.1})",
+                s * 1e3,
+                weights_per_pass as f64 / s / 1e9
+            )
+        };
+        println!(
+            "{n:>4} {:>18} {:>18} {:>18} {:>18} {:>8.2}x",
+            cell(t[0]),
+            cell(t[1]),
+            cell(t[2]),
+            cell(t[3]),
+            t[2] / t[3]
+        );
+        println!(
+            "{:>4} new path split: prepare {:.3} ms, kernel {}",
+            "",
+            parts[0] * 1e3,
+            cell(parts[1])
         );
     }
     Ok(())

@@ -56,6 +56,17 @@ impl Fixture {
         adapters: &[(&str, f64)],
         max_tokens: usize,
     ) -> String {
+        self.generate_alone_with(prompt, adapters, max_tokens, &[])
+    }
+
+    /// `generate_alone` with extra flags (e.g. `--quantize nf4`).
+    fn generate_alone_with(
+        &self,
+        prompt: &[u32],
+        adapters: &[(&str, f64)],
+        max_tokens: usize,
+        extra: &[&str],
+    ) -> String {
         let ids: Vec<String> = prompt.iter().map(u32::to_string).collect();
         let mut args = vec![
             "generate".to_string(),
@@ -68,6 +79,7 @@ impl Fixture {
             "--ignore-eos".into(),
             "--json".into(),
         ];
+        args.extend(extra.iter().map(|s| s.to_string()));
         for (name, w) in adapters {
             args.push("--adapter".into());
             args.push(format!("{}:{w}", s(&self.adapters.join(name))));
@@ -486,6 +498,59 @@ fn a_streaming_client_that_disconnects_frees_its_slot() {
             .post("/v1/completions", &completion(BASE, &[1, 2], 2))
             .0,
         200
+    );
+}
+
+#[test]
+fn nf4_base_serves_adapters_batched_together_and_reports_its_bytes() {
+    let f = fixture();
+    let nf4 = ["--quantize", "nf4", "--double-quant"];
+    let mut args = nf4.to_vec();
+    args.extend(["--max-batch-size", "8"]);
+    let server = f.serve(&args);
+    let prompt = [1u32, 33, 7, 250, 128, 64];
+    let kinds: Vec<(&str, Vec<(&str, f64)>)> = vec![
+        (BASE, vec![]),
+        ("all-r8", vec![("all-r8", 1.0)]),
+        ("rslora-r16", vec![("rslora-r16", 1.0)]),
+        ("attn-r4", vec![("attn-r4", 1.0)]),
+    ];
+    let expected: Vec<String> = kinds
+        .iter()
+        .map(|(_, stack)| f.generate_alone_with(&prompt, stack, 10, &nf4))
+        .collect();
+    // The NF4 base answers differently from the f32 one (it is really quantized).
+    assert_ne!(expected[0], f.generate_alone(&prompt, &[], 10));
+    let got: Vec<(u16, Value)> = std::thread::scope(|scope| {
+        let handles: Vec<_> = kinds
+            .iter()
+            .chain(kinds.iter())
+            .map(|(model, _)| {
+                let body = completion(model, &prompt, 10);
+                let server = &server;
+                scope.spawn(move || server.post("/v1/completions", &body))
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for (i, (code, body)) in got.iter().enumerate() {
+        assert_eq!(*code, 200, "{body}");
+        let want = &expected[i % kinds.len()];
+        assert_eq!(
+            body["choices"][0]["text"].as_str().unwrap(),
+            want,
+            "request {i}"
+        );
+    }
+    let nf4_bytes = server.metric("loraplex_base_model_bytes_by_dtype{dtype=\"nf4\"}");
+    let f32_bytes = server.metric("loraplex_base_model_bytes_by_dtype{dtype=\"f32\"}");
+    assert!(
+        nf4_bytes > 0.0 && f32_bytes > 0.0,
+        "{nf4_bytes} {f32_bytes}"
+    );
+    assert_eq!(
+        server.metric("loraplex_base_model_bytes "),
+        nf4_bytes + f32_bytes
     );
 }
 

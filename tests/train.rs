@@ -336,6 +336,62 @@ fn memorises_sixteen_examples_and_the_adapter_is_served() {
 }
 
 #[test]
+fn qlora_on_an_nf4_base_memorises_and_the_adapter_is_served_on_it() {
+    let r = tiny_run();
+    let out = r.p("qlora");
+    let o = r.train(&[
+        "--out",
+        &out,
+        "--quantize",
+        "nf4",
+        "--double-quant",
+        "--max-steps",
+        "400",
+        "--lr",
+        "0.005",
+        "--rank",
+        "16",
+        "--alpha",
+        "32",
+        "--warmup-ratio",
+        "0.05",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let summary: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert!(summary["peak_rss_bytes"].as_u64().unwrap() > 0);
+    let loss = last_loss(Path::new(&out));
+    assert!(loss < 0.05, "final train loss {loss}");
+    let args: Value = serde_json::from_str(
+        &std::fs::read_to_string(Path::new(&out).join("training_args.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(args["quantize"], "nf4", "{args}");
+    assert_eq!(args["double_quant"], true);
+    // Served on the same NF4 base, the adapter answers like its training data.
+    let g = Command::new(bin())
+        .args([
+            "generate",
+            "--model",
+            r.model.to_str().unwrap(),
+            "--quantize",
+            "nf4",
+            "--double-quant",
+            "--adapter",
+            &out,
+            "--chat",
+            "q3?",
+            "--max-tokens",
+            "4",
+            "--json",
+        ])
+        .output()
+        .unwrap();
+    assert!(g.status.success(), "{}", String::from_utf8_lossy(&g.stderr));
+    let v: Value = serde_json::from_slice(&g.stdout).unwrap();
+    assert_eq!(v["text"], "A1-0");
+}
+
+#[test]
 fn killed_and_resumed_run_ends_with_the_same_adapter() {
     let r = tiny_run();
     let full = r.p("full");

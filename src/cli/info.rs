@@ -40,6 +40,7 @@ pub fn run(a: InfoArgs) -> Result<()> {
         .into_iter()
         .map(|(d, b)| json!({"dtype": d, "bytes": b}))
         .collect();
+    let linear = m.llama.linear_weight_bytes();
     let mut adapters = Vec::new();
     for s in &a.adapters {
         adapters.push(adapter_json(&LoraAdapter::load(&s.name()?, &s.dir, c)?));
@@ -61,6 +62,11 @@ pub fn run(a: InfoArgs) -> Result<()> {
         "tied_embeddings": m.llama.lm_head_tied(),
         "parameters": m.llama.num_params(),
         "bytes_by_dtype": bytes,
+        "quantization": m.llama.nf4_settings().map(|s| json!({
+            "type": "nf4", "blocksize": s.blocksize, "double_quant": s.double_quant,
+        })),
+        "linear_weight_bytes": linear.resident,
+        "linear_weight_bytes_as_f16": linear.f16,
         "eos_ids": m.eos_ids,
         "has_tokenizer": m.tokenizer.is_some(),
         "adapters": adapters,
@@ -97,6 +103,23 @@ pub fn run(a: InfoArgs) -> Result<()> {
     for (d, b) in m.llama.bytes_by_dtype() {
         println!("bytes        {d}: {b} ({:.1} MiB)", b as f64 / 1048576.0);
     }
+    println!(
+        "linear       {} bytes resident, {:.3}x of f16{}",
+        linear.resident,
+        linear.resident as f64 / linear.f16.max(1) as f64,
+        match m.llama.nf4_settings() {
+            Some(s) => format!(
+                " (NF4, blocks of {}{})",
+                s.blocksize,
+                if s.double_quant {
+                    ", double quantization"
+                } else {
+                    ""
+                }
+            ),
+            None => String::new(),
+        }
+    );
     for ad in &v["adapters"].as_array().cloned().unwrap_or_default() {
         println!(
             "adapter      {}: r={} alpha={} rslora={} scaling={} targets={} bytes={}",

@@ -1,9 +1,10 @@
 //! `loraplex merge`: fold adapters into the base weights and write an HF folder.
 
 use super::{load_stack, ModelArgs};
-use crate::lora::AdapterSpec;
+use crate::lora::{requantize_warning, AdapterSpec};
 use crate::model::export::save_hf_folder;
 use anyhow::{Context, Result};
+
 use std::path::PathBuf;
 
 #[derive(clap::Args, Debug)]
@@ -24,9 +25,15 @@ pub struct MergeArgs {
 }
 
 pub fn run(a: MergeArgs) -> Result<()> {
-    let mut model = a.model.load()?;
+    // Merge into the weights as stored, then quantize (one rounding, not two).
+    let settings = a.model.nf4_settings()?;
+    let mut model = a.model.load_unquantized()?;
     let stack = load_stack(&model, &a.adapters)?.context("no adapters given")?;
-    stack.merge_into(&mut model.llama)?;
+    let requantized = stack.merge_into(&mut model.llama)?;
+    if let Some(w) = requantize_warning(requantized) {
+        eprintln!("warning: {w}");
+    }
+    model.quantize(settings)?;
     save_hf_folder(&model, &a.out)?;
     eprintln!(
         "merged {} into {} and wrote {}",

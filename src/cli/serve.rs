@@ -1,5 +1,6 @@
 //! `loraplex serve`: flags on top of the TOML config, then the server.
 
+use crate::model::Quantize;
 use crate::server::{serve, ServeConfig};
 use anyhow::{Context, Result};
 use std::path::PathBuf;
@@ -12,6 +13,12 @@ pub struct ServeArgs {
     /// Base model: HF folder, .gguf file or hub id. Default: SmolLM2-135M-Instruct.
     #[arg(long, short = 'm', env = "LORAPLEX_MODEL")]
     pub model: Option<String>,
+    /// Store the base's linear weights quantized (nf4: QLoRA's 4-bit NormalFloat).
+    #[arg(long, value_enum)]
+    pub quantize: Option<Quantize>,
+    /// With --quantize nf4: store the block scales in 8 bits too (double quantization).
+    #[arg(long)]
+    pub double_quant: bool,
     /// Folder of PEFT adapters (each subfolder is one, named by the folder). Default: adapters
     #[arg(long)]
     pub adapters_dir: Option<PathBuf>,
@@ -67,8 +74,10 @@ impl ServeArgs {
             adapter_cache_bytes,
             max_batch_size,
             max_waiting,
-            prefill_chunk
+            prefill_chunk,
+            quantize
         );
+        c.double_quant |= self.double_quant;
         if self.model.is_some() {
             c.model = self.model.clone();
         }

@@ -1,5 +1,6 @@
 //! `loraplex train`: flags on top of a TOML config, then the training loop.
 
+use crate::model::Quantize;
 use crate::train::config::TrainConfig;
 use crate::train::data::Method;
 use crate::train::optim::Schedule;
@@ -15,6 +16,12 @@ pub struct TrainArgs {
     /// Base model: HF folder, .gguf file or hub id. Default: SmolLM2-135M-Instruct.
     #[arg(long, short = 'm', env = "LORAPLEX_MODEL")]
     pub model: Option<String>,
+    /// QLoRA: keep the frozen base's linear weights in NF4 (4-bit NormalFloat).
+    #[arg(long, value_enum)]
+    pub quantize: Option<Quantize>,
+    /// With --quantize nf4: double quantization of the block scales.
+    #[arg(long)]
+    pub double_quant: bool,
     /// Training data (JSONL: Alpaca, chat messages, or DPO prompt/chosen/rejected).
     #[arg(long)]
     pub data: Option<PathBuf>,
@@ -114,13 +121,15 @@ impl TrainArgs {
             save_every,
             early_stopping_patience,
             seed,
-            beta
+            beta,
+            quantize
         );
         macro_rules! set_opt {
             ($($f:ident),*) => { $( if self.$f.is_some() { c.$f = self.$f.clone(); } )* };
         }
         set_opt!(model, data, val, out, max_steps, mix);
         c.rslora |= self.rslora;
+        c.double_quant |= self.double_quant;
         c.skip_bad_lines |= self.skip_bad_lines;
         c.overwrite |= self.overwrite;
         c.resume |= self.resume;
@@ -131,7 +140,9 @@ impl TrainArgs {
 pub fn run(a: TrainArgs) -> Result<()> {
     let cfg = a.to_config()?;
     cfg.validate()?;
-    let model = crate::model::load(cfg.model.as_deref())?;
+    let nf4 = cfg.quantize.settings(cfg.double_quant)?;
+    let mut model = crate::model::load(cfg.model.as_deref())?;
+    model.quantize(nf4)?;
     let s = crate::train::trainer::train(&cfg, &model)?;
     println!("{}", serde_json::to_string_pretty(&s)?);
     eprintln!(

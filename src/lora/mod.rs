@@ -9,7 +9,7 @@ pub mod synthetic;
 
 pub use adapter::{LoraAdapter, LoraModule};
 pub use config::PeftLoraConfig;
-pub use stack::{LoraPair, LoraStack};
+pub use stack::{requantize_warning, LoraPair, LoraStack};
 
 use anyhow::{bail, Context, Result};
 use std::path::PathBuf;

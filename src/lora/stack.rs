@@ -11,6 +11,18 @@ use candle_core::Tensor;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+/// What to tell the user after `LoraStack::merge_into` re-quantized `weights` NF4 weights.
+pub fn requantize_warning(weights: usize) -> Option<String> {
+    (weights > 0).then(|| {
+        format!(
+            "the base is NF4-quantized: {weights} merged weights were dequantized, summed with \
+             the adapter and quantized again; the merged model carries a second rounding error and \
+             small adapter deltas can vanish in it. Merge into the unquantized base and quantize \
+             afterwards (--quantize nf4) to avoid this."
+        )
+    })
+}
+
 /// The concatenated low-rank pair of one module for one stack.
 #[derive(Clone, Debug)]
 pub struct LoraPair {
@@ -105,14 +117,17 @@ impl LoraStack {
     }
 
     /// Merges the stack into the base: `W' = W + Σ_i w_i s_i B_i A_i` for every targeted module.
-    pub fn merge_into(&self, model: &mut Llama) -> Result<()> {
+    /// An NF4 weight is dequantized, summed and quantized again, which rounds the merged weight
+    /// to the 4-bit grid: returns how many weights that happened to (callers warn about it).
+    pub fn merge_into(&self, model: &mut Llama) -> Result<usize> {
+        let mut requantized = 0;
         for (layer, projs) in self.layers.iter().enumerate() {
             for p in Proj::ALL {
                 if let Some(pair) = &projs[p.index()] {
-                    model.add_to_weight(layer, p, &pair.dense()?)?;
+                    requantized += model.add_to_weight(layer, p, &pair.dense()?)? as usize;
                 }
             }
         }
-        Ok(())
+        Ok(requantized)
     }
 }

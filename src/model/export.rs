@@ -1,7 +1,10 @@
 //! Writes a base model (typically with adapters merged in) as an HF folder: `config.json`,
-//! `model.safetensors`, `generation_config.json` and the tokenizer files.
+//! `model.safetensors`, `generation_config.json` and the tokenizer files. NF4 linear weights are
+//! written in bitsandbytes' serialization with a `quantization_config` in config.json, the form
+//! transformers saves a `load_in_4bit` model in.
 
 use super::LoadedModel;
+use crate::quant::QuantizationConfig;
 use anyhow::{bail, Context, Result};
 use candle_core::Tensor;
 use std::collections::HashMap;
@@ -38,6 +41,9 @@ pub fn save_hf_folder(model: &LoadedModel, out: &Path) -> Result<()> {
         [one] => serde_json::json!(one),
         many => serde_json::json!(many),
     };
+    if let Some(nf4) = model.llama.nf4_settings() {
+        config["quantization_config"] = QuantizationConfig::nf4(nf4.double_quant).to_json();
+    }
     std::fs::write(
         dir.join("config.json"),
         serde_json::to_string_pretty(&config)?,
@@ -53,7 +59,7 @@ pub fn save_hf_folder(model: &LoadedModel, out: &Path) -> Result<()> {
     )?;
     let tensors: HashMap<String, Tensor> = model
         .llama
-        .hf_tensors()
+        .hf_tensors()?
         .into_iter()
         .map(|(k, t)| Ok((k, t.contiguous()?)))
         .collect::<Result<_>>()?;

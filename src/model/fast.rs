@@ -9,7 +9,8 @@
 //!
 //! Nothing here has a backward pass; `Kernels::Candle` keeps the candle-op path for training.
 
-use super::kernels::{self, LinearJob, LowRank};
+use super::kernels::{self, JobWeight, LinearJob, LowRank};
+use super::linear::LinearWeight;
 use super::llama::{Llama, LogitsMode, SeqInput};
 use super::proj::Proj;
 use crate::lora::{LoraPair, LoraStack};
@@ -29,7 +30,8 @@ fn readable(t: &Tensor) -> bool {
     t.dtype() == DType::F32 && t.is_contiguous() && matches!(t.device(), Device::Cpu)
 }
 
-/// Whether this call can take the fast path: few rows, f32 CPU weights and stacks.
+/// Whether this call can take the fast path: few rows, f32 CPU tensors (linear weights may be
+/// NF4-packed instead) and stacks.
 pub fn eligible(model: &Llama, seqs: &[SeqInput<'_>], rows: usize) -> bool {
     if rows > MAX_ROWS || !matches!(model.device(), Device::Cpu) {
         return false;
@@ -38,11 +40,15 @@ pub fn eligible(model: &Llama, seqs: &[SeqInput<'_>], rows: usize) -> bool {
     let model_ok = [&model.embed, &model.norm, &model.lm_head, cos, sin]
         .into_iter()
         .chain(model.blocks.iter().flat_map(|b| {
-            [&b.attn_norm, &b.mlp_norm].into_iter().chain(
-                b.proj
-                    .iter()
-                    .flat_map(|p| std::iter::once(&p.weight).chain(&p.bias)),
-            )
+            [&b.attn_norm, &b.mlp_norm]
+                .into_iter()
+                .chain(b.proj.iter().flat_map(|p| {
+                    let dense = match &p.weight {
+                        LinearWeight::F32(w) => Some(w),
+                        LinearWeight::Nf4(_) => None,
+                    };
+                    dense.into_iter().chain(&p.bias)
+                }))
         }))
         .all(readable);
     let stacks_ok = seqs.iter().filter_map(|s| s.lora.as_ref()).all(|st| {
@@ -188,7 +194,10 @@ impl Projector<'_> {
         // Read locks on everything this call reads.
         let w_views = projs
             .iter()
-            .map(|p| View::new(&blk.proj[p.index()].weight))
+            .map(|p| match &blk.proj[p.index()].weight {
+                LinearWeight::F32(w) => View::new(w).map(Some),
+                LinearWeight::Nf4(_) => Ok(None),
+            })
             .collect::<Result<Vec<_>>>()?;
         let bias_views = projs
             .iter()
@@ -240,7 +249,7 @@ impl Projector<'_> {
                     x: gathered[gi].as_deref().unwrap_or(x),
                     m: rows.len(),
                     k,
-                    w: a,
+                    w: JobWeight::F32(a),
                     n: a.len() / k.max(1),
                     bias: None,
                     low_rank: vec![],
@@ -251,7 +260,11 @@ impl Projector<'_> {
         // Phase 2: the base projections with bias and each row's `B t`.
         let mut jobs = Vec::with_capacity(projs.len());
         for (pi, &p) in projs.iter().enumerate() {
-            let w = w_views[pi].slice()?;
+            let w = match (&w_views[pi], &blk.proj[p.index()].weight) {
+                (Some(v), _) => JobWeight::F32(v.slice()?),
+                (None, LinearWeight::Nf4(packed)) => JobWeight::Nf4(packed),
+                (None, LinearWeight::F32(_)) => candle_core::bail!("fast path: weight not read"),
+            };
             let n = p.in_out(&self.model.cfg).1;
             let mut low_rank = Vec::new();
             if t_index[pi].iter().any(Option::is_some) {
@@ -524,7 +537,7 @@ fn forward_on_pool(model: &Llama, seqs: &mut [SeqInput<'_>], mode: LogitsMode) -
         x: &x,
         m: rows,
         k: h,
-        w: lm.slice()?,
+        w: JobWeight::F32(lm.slice()?),
         n: cfg.vocab_size,
         bias: None,
         low_rank: vec![],

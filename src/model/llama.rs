@@ -11,30 +11,15 @@
 use super::config::LlamaConfig;
 use super::fast;
 use super::kv_cache::KvCache;
+use super::linear::{tensor_bytes, Linear, LinearWeight, Nf4Settings};
 use super::proj::Proj;
 use super::rope::Rope;
 use crate::lora::LoraStack;
+use crate::quant::{is_bnb_layer, load_layer, save_layer};
 use anyhow::{bail, Context};
 use candle_core::{DType, Device, Result, Tensor, D};
 use std::collections::HashMap;
 use std::sync::Arc;
-
-/// A frozen linear layer `y = x W^T (+ b)`, `W: [out, in]`.
-#[derive(Clone, Debug)]
-pub struct Linear {
-    pub weight: Tensor,
-    pub bias: Option<Tensor>,
-}
-
-impl Linear {
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = x.matmul(&self.weight.t()?)?;
-        match &self.bias {
-            Some(b) => y.broadcast_add(b),
-            None => Ok(y),
-        }
-    }
-}
 
 /// One decoder block's weights.
 #[derive(Clone, Debug)]
@@ -57,6 +42,15 @@ pub struct Llama {
     tied: bool,
     rope: Rope,
     device: Device,
+}
+
+/// Bytes of the linear projections' weights (`Llama::linear_weight_bytes`).
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+pub struct LinearBytes {
+    /// As stored now.
+    pub resident: usize,
+    /// The same weights in f16.
+    pub f16: usize,
 }
 
 /// One sequence's share of a forward call.
@@ -126,8 +120,23 @@ impl Llama {
             for p in Proj::ALL {
                 let (i, o) = p.in_out(&cfg);
                 let name = p.hf_weight_name(l);
-                let weight = take(&mut map, &name, &[o, i])?;
-                let bias_name = name.replace(".weight", ".bias");
+                let module = name.trim_end_matches(".weight");
+                // bitsandbytes 4-bit layers (`loraplex quantize`, transformers' load_in_4bit).
+                let weight = match is_bnb_layer(&map, module) {
+                    true => {
+                        let w = load_layer(&mut map, module)?;
+                        if (w.rows, w.cols) != (o, i) {
+                            bail!(
+                                "weights: NF4 tensor `{name}` has shape [{}, {}], the config needs [{o}, {i}]",
+                                w.rows,
+                                w.cols
+                            );
+                        }
+                        LinearWeight::Nf4(Arc::new(w))
+                    }
+                    false => LinearWeight::F32(take(&mut map, &name, &[o, i])?),
+                };
+                let bias_name = format!("{module}.bias");
                 let bias = match map.contains_key(&bias_name) {
                     true => Some(take(&mut map, &bias_name, &[o])?),
                     false => None,
@@ -197,8 +206,9 @@ impl Llama {
         self.tied
     }
 
-    /// Every weight under its HF name (what `merge` writes). A tied lm_head is left out.
-    pub fn hf_tensors(&self) -> Vec<(String, Tensor)> {
+    /// Every weight under its HF name (what `merge` writes; NF4 layers in bitsandbytes'
+    /// serialization). A tied lm_head is left out.
+    pub fn hf_tensors(&self) -> anyhow::Result<Vec<(String, Tensor)>> {
         let mut out = vec![("model.embed_tokens.weight".to_string(), self.embed.clone())];
         for (l, b) in self.blocks.iter().enumerate() {
             out.push((
@@ -215,39 +225,111 @@ impl Llama {
                 if let Some(bias) = &lin.bias {
                     out.push((name.replace(".weight", ".bias"), bias.clone()));
                 }
-                out.push((name, lin.weight.clone()));
+                match &lin.weight {
+                    LinearWeight::F32(w) => out.push((name, w.clone())),
+                    LinearWeight::Nf4(w) => {
+                        let mut layer = HashMap::new();
+                        save_layer(w, name.trim_end_matches(".weight"), &mut layer)?;
+                        let mut layer: Vec<_> = layer.into_iter().collect();
+                        layer.sort_by(|a, b| a.0.cmp(&b.0));
+                        out.extend(layer);
+                    }
+                }
             }
         }
         out.push(("model.norm.weight".to_string(), self.norm.clone()));
         if !self.lm_head_tied() {
             out.push(("lm_head.weight".to_string(), self.lm_head.clone()));
         }
-        out
+        Ok(out)
     }
 
-    /// Bytes of all weights, by dtype name.
+    /// Resident bytes of all weights, by dtype name (`"nf4"`: packed weights with their block
+    /// scales). A tied lm_head is counted once.
     pub fn bytes_by_dtype(&self) -> Vec<(String, usize)> {
+        let mut parts = vec![tensor_bytes(&self.embed), tensor_bytes(&self.norm)];
+        if !self.tied {
+            parts.push(tensor_bytes(&self.lm_head));
+        }
+        for b in &self.blocks {
+            parts.push(tensor_bytes(&b.attn_norm));
+            parts.push(tensor_bytes(&b.mlp_norm));
+            for lin in &b.proj {
+                parts.extend(lin.bytes_by_dtype());
+            }
+        }
         let mut by: HashMap<String, usize> = HashMap::new();
-        for (_, t) in self.hf_tensors() {
-            *by.entry(format!("{:?}", t.dtype()).to_lowercase())
-                .or_default() += t.elem_count() * t.dtype().size_in_bytes();
+        for (d, n) in parts {
+            *by.entry(d).or_default() += n;
         }
         let mut v: Vec<_> = by.into_iter().collect();
         v.sort();
         v
     }
 
-    /// Number of parameters (a tied lm_head counted once).
-    pub fn num_params(&self) -> usize {
-        self.hf_tensors().iter().map(|(_, t)| t.elem_count()).sum()
+    /// Resident bytes of the seven linear projections' weights of every block, and what they
+    /// would take in f16.
+    pub fn linear_weight_bytes(&self) -> LinearBytes {
+        let mut out = LinearBytes::default();
+        for lin in self.blocks.iter().flat_map(|b| b.proj.iter()) {
+            let (o, i) = lin.shape();
+            out.f16 += o * i * 2;
+            out.resident += match &lin.weight {
+                LinearWeight::F32(w) => tensor_bytes(w).1,
+                LinearWeight::Nf4(w) => w.resident_bytes(),
+            };
+        }
+        out
     }
 
-    /// Adds `delta` (`[out, in]`) to one projection's weight in place of the old tensor
-    /// (merging an adapter into the base).
-    pub fn add_to_weight(&mut self, layer: usize, proj: Proj, delta: &Tensor) -> Result<()> {
-        let lin = &mut self.blocks[layer].proj[proj.index()];
-        lin.weight = (&lin.weight + delta)?;
-        Ok(())
+    /// Number of parameters (a tied lm_head counted once; an NF4 weight as its element count).
+    pub fn num_params(&self) -> usize {
+        let mut n = self.embed.elem_count() + self.norm.elem_count();
+        if !self.tied {
+            n += self.lm_head.elem_count();
+        }
+        for b in &self.blocks {
+            n += b.attn_norm.elem_count() + b.mlp_norm.elem_count();
+            for lin in &b.proj {
+                let (o, i) = lin.shape();
+                n += o * i + lin.bias.as_ref().map_or(0, Tensor::elem_count);
+            }
+        }
+        n
+    }
+
+    /// The NF4 settings of the linear weights, when they are quantized (those of the first
+    /// quantized layer; `quantize_nf4` makes them all alike).
+    pub fn nf4_settings(&self) -> Option<Nf4Settings> {
+        self.blocks
+            .iter()
+            .flat_map(|b| b.proj.iter())
+            .find_map(|l| l.nf4())
+            .map(|w| Nf4Settings {
+                blocksize: w.blocksize,
+                double_quant: w.is_double_quant(),
+            })
+    }
+
+    /// Quantizes every dense linear weight (q/k/v/o/gate/up/down) to NF4, layers in parallel;
+    /// the embedding, norms and lm_head stay as they are.
+    pub fn quantize_nf4(&mut self, settings: Nf4Settings) -> anyhow::Result<()> {
+        use rayon::prelude::*;
+        self.blocks
+            .par_iter_mut()
+            .flat_map(|b| b.proj.par_iter_mut())
+            .try_for_each(|lin| lin.quantize(settings))
+    }
+
+    /// Adds `delta` (`[out, in]`) to one projection's weight (merging an adapter into the base).
+    /// Returns whether the weight was NF4 and had to be quantized again after the sum.
+    pub fn add_to_weight(
+        &mut self,
+        layer: usize,
+        proj: Proj,
+        delta: &Tensor,
+    ) -> anyhow::Result<bool> {
+        self.blocks[layer].proj[proj.index()].add_delta(delta)
     }
 
     /// The RoPE tables.

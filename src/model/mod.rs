@@ -6,6 +6,7 @@ pub mod export;
 pub mod fast;
 pub mod kernels;
 pub mod kv_cache;
+pub mod linear;
 pub mod llama;
 pub mod proj;
 pub mod rope;
@@ -13,6 +14,7 @@ pub mod weights;
 
 pub use config::LlamaConfig;
 pub use kv_cache::KvCache;
+pub use linear::{Linear, LinearWeight, Nf4Settings, Quantize};
 pub use llama::{Kernels, Llama, LogitsMode, SeqInput};
 pub use proj::Proj;
 
@@ -109,6 +111,18 @@ fn hub_download(id: &str) -> Result<PathBuf> {
     Ok(config.parent().map(Path::to_path_buf).unwrap_or_default())
 }
 
+/// Refuses a checkpoint quantized by anything but bitsandbytes NF4 (GPTQ, AWQ, 8-bit, FP4, ...)
+/// by name, instead of failing later on tensors it does not know.
+fn check_quantization_config(config: &Path) -> Result<()> {
+    let text = std::fs::read_to_string(config)
+        .with_context(|| format!("cannot read {}", config.display()))?;
+    let v: serde_json::Value = serde_json::from_str(&text)
+        .with_context(|| format!("{} is not valid JSON", config.display()))?;
+    crate::quant::QuantizationConfig::from_config_json(&v)
+        .with_context(|| format!("model folder {}", config.display()))?;
+    Ok(())
+}
+
 fn file_id(path: &Path) -> String {
     let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("model");
     name.strip_suffix(".gguf").unwrap_or(name).to_string()
@@ -121,6 +135,7 @@ pub fn load_path(path: &Path, device: &Device) -> Result<LoadedModel> {
     }
     let (format, llama, tokenizer, mut eos) = if path.is_dir() {
         let cfg = LlamaConfig::from_hf_file(&path.join("config.json"))?;
+        check_quantization_config(&path.join("config.json"))?;
         let files = weights::safetensors_files(path)?;
         let map = weights::load_safetensors(&files, device)?;
         let eos = cfg.eos_token_ids.clone();
@@ -169,6 +184,31 @@ pub fn load_path(path: &Path, device: &Device) -> Result<LoadedModel> {
         tokenizer,
         eos_ids: eos,
     })
+}
+
+impl LoadedModel {
+    /// Quantizes the linear weights to NF4 when `settings` is given, then hands the freed dense
+    /// memory back to the operating system.
+    pub fn quantize(&mut self, settings: Option<Nf4Settings>) -> Result<()> {
+        let Some(settings) = settings else {
+            return Ok(());
+        };
+        self.llama
+            .quantize_nf4(settings)
+            .context("quantizing the base to NF4")?;
+        release_freed_memory();
+        Ok(())
+    }
+}
+
+/// Returns freed heap pages to the OS (glibc keeps them otherwise, and the process would go on
+/// showing the dense weights' size as resident after they were quantized away).
+fn release_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only walks glibc's own heap structures under its own lock.
+    unsafe {
+        libc::malloc_trim(0);
+    }
 }
 
 /// `resolve` then `load_path` on the CPU.

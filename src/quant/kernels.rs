@@ -136,7 +136,14 @@ fn fused(w: &Nf4Packed, x: &[f32], n: usize, simd: bool) -> Vec<f32> {
 }
 
 /// Output rows `r0..r1` for all `n` input rows, laid out `[r - r0][k]`.
-fn fused_rows(w: &Nf4Packed, x: &[f32], n: usize, r0: usize, r1: usize, simd: bool) -> Vec<f32> {
+pub(crate) fn fused_rows(
+    w: &Nf4Packed,
+    x: &[f32],
+    n: usize,
+    r0: usize,
+    r1: usize,
+    simd: bool,
+) -> Vec<f32> {
     let cols = w.cols;
     let mut out = vec![0f32; (r1 - r0) * n];
     if !aligned(w) {
@@ -471,6 +478,11 @@ impl Nf4Linear {
             weight: Arc::new(weight),
             bias,
         }
+    }
+
+    /// A layer over a weight shared with others (the model keeps its weights in `Arc`s).
+    pub fn from_arc(weight: Arc<Nf4Packed>, bias: Option<Tensor>) -> Self {
+        Self { weight, bias }
     }
 
     pub fn weight(&self) -> &Nf4Packed {

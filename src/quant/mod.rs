@@ -3,12 +3,16 @@
 //! (`bnb`).
 
 pub mod bnb;
+pub mod decode;
 pub mod kernels;
 pub mod nf4;
 #[cfg(target_arch = "x86_64")]
 mod simd;
+#[cfg(target_arch = "x86_64")]
+mod simd_int;
 
 pub use bnb::{is_bnb_layer, load_layer, save_layer, QuantizationConfig};
+pub use decode::{dot_rows_into, Nf4Input};
 pub use kernels::{KernelPath, Nf4Linear, Nf4MatmulOp};
 pub use nf4::{
     dynamic_map, quantize_nf4, quantize_nf4_double, Absmax, NestedAbsmax, Nf4Packed,

@@ -1,6 +1,7 @@
 //! `loraplex serve` settings: a TOML file (`configs/default.toml` documents every key) with
 //! command-line flags on top.
 
+use crate::model::Quantize;
 use anyhow::{Context, Result};
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
@@ -11,6 +12,10 @@ use std::path::{Path, PathBuf};
 pub struct ServeConfig {
     /// Base model: HF folder, .gguf file or hub id; unset = the default model.
     pub model: Option<String>,
+    /// `"nf4"`: keep the base's linear weights in QLoRA's 4-bit NormalFloat (`"none"`: as loaded).
+    pub quantize: Quantize,
+    /// With NF4: store the block scales in 8 bits too (double quantization).
+    pub double_quant: bool,
     pub host: String,
     pub port: u16,
     /// Folder whose subfolders are PEFT adapters, named by the folder.
@@ -39,6 +44,8 @@ impl Default for ServeConfig {
     fn default() -> Self {
         Self {
             model: None,
+            quantize: Quantize::None,
+            double_quant: false,
             host: "127.0.0.1".into(),
             port: 8000,
             adapters_dir: PathBuf::from("adapters"),
@@ -69,6 +76,7 @@ impl ServeConfig {
             "max_batch_size must be at least 1"
         );
         anyhow::ensure!(self.prefill_chunk >= 1, "prefill_chunk must be at least 1");
+        self.quantize.settings(self.double_quant)?;
         anyhow::ensure!(
             self.adapter_cache_bytes >= 1,
             "adapter_cache_bytes must be positive"
@@ -87,6 +95,16 @@ mod tests {
         let c = ServeConfig::from_file(&path).unwrap();
         c.validate().unwrap();
         assert_eq!(c.port, 8000);
+        assert_eq!(c.quantize, Quantize::None);
         assert!(toml::from_str::<ServeConfig>("prot = 1").is_err());
+        let nf4: ServeConfig = toml::from_str("quantize = \"nf4\"\ndouble_quant = true").unwrap();
+        nf4.validate().unwrap();
+        assert_eq!(
+            nf4.quantize.settings(nf4.double_quant).unwrap(),
+            Some(crate::model::Nf4Settings::new(true))
+        );
+        assert!(toml::from_str::<ServeConfig>("quantize = \"int3\"").is_err());
+        let dq_alone: ServeConfig = toml::from_str("double_quant = true").unwrap();
+        assert!(dq_alone.validate().is_err());
     }
 }

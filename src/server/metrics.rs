@@ -1,6 +1,6 @@
 //! Request-level Prometheus metrics and the registry that all server metrics live in.
 
-use prometheus::{IntCounterVec, IntGauge, Opts, Registry};
+use prometheus::{IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
 
 /// Counters by adapter label.
 pub struct ServerMetrics {
@@ -9,6 +9,7 @@ pub struct ServerMetrics {
     pub prompt_tokens: IntCounterVec,
     pub generated_tokens: IntCounterVec,
     pub base_bytes: IntGauge,
+    pub base_bytes_by_dtype: IntGaugeVec,
 }
 
 impl ServerMetrics {
@@ -24,6 +25,14 @@ impl ServerMetrics {
             "Bytes of the resident base weights",
         )?;
         registry.register(Box::new(base_bytes.clone()))?;
+        let base_bytes_by_dtype = IntGaugeVec::new(
+            Opts::new(
+                "loraplex_base_model_bytes_by_dtype",
+                "Bytes of the resident base weights by storage type (nf4: packed 4-bit weights with their block scales)",
+            ),
+            &["dtype"],
+        )?;
+        registry.register(Box::new(base_bytes_by_dtype.clone()))?;
         Ok(Self {
             requests: vec(
                 "loraplex_requests_total",
@@ -41,6 +50,7 @@ impl ServerMetrics {
                 &["adapter"],
             )?,
             base_bytes,
+            base_bytes_by_dtype,
             registry,
         })
     }

@@ -126,13 +126,24 @@ pub async fn build_state(cfg: &ServeConfig) -> Result<Shared> {
     let model_spec = cfg.model.clone();
     let merges = cfg.merge.clone();
     let adapters_dir = cfg.adapters_dir.clone();
+    let nf4 = cfg.quantize.settings(cfg.double_quant)?;
     let (model, merged) = tokio::task::spawn_blocking(move || -> Result<_> {
         let mut model = crate::model::load(model_spec.as_deref())?;
+        // Merge before quantizing: the merged weights are rounded to NF4 once.
         let merged = merge_at_startup(&mut model, &merges, &adapters_dir)?;
+        model.quantize(nf4)?;
         Ok((model, merged))
     })
     .await??;
-    let bytes: usize = model.llama.bytes_by_dtype().iter().map(|(_, b)| b).sum();
+    let by_dtype = model.llama.bytes_by_dtype();
+    for (dtype, b) in &by_dtype {
+        tracing::info!("base weights: {dtype} {:.1} MB", *b as f64 / 1e6);
+        metrics
+            .base_bytes_by_dtype
+            .with_label_values(&[dtype.as_str()])
+            .set(*b as i64);
+    }
+    let bytes: usize = by_dtype.iter().map(|(_, b)| b).sum();
     metrics.base_bytes.set(bytes as i64);
     let model = Arc::new(model);
     let adapter_metrics = Arc::new(AdapterMetrics::new(&metrics.registry)?);
@@ -200,7 +211,11 @@ fn merge_at_startup(
         });
     }
     let stack = crate::cli::load_stack(model, &specs)?.context("no adapters to merge")?;
-    stack.merge_into(&mut model.llama)?;
+    let requantized = stack.merge_into(&mut model.llama)?;
+    if let Some(w) = crate::lora::requantize_warning(requantized) {
+        eprintln!("warning: {w}");
+        tracing::warn!("{w}");
+    }
     let name = stack.label();
     tracing::info!("serving `{name}` merged into the base");
     Ok(Some(MergedMode { name }))

@@ -2,6 +2,7 @@
 
 use super::data::Method;
 use super::optim::Schedule;
+use crate::model::Quantize;
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -11,6 +12,10 @@ use std::path::{Path, PathBuf};
 #[serde(default, deny_unknown_fields)]
 pub struct TrainConfig {
     pub model: Option<String>,
+    /// `"nf4"`: QLoRA, the frozen base's linear weights in 4-bit NormalFloat.
+    pub quantize: Quantize,
+    /// With NF4: double quantization of the block scales.
+    pub double_quant: bool,
     pub data: Option<PathBuf>,
     pub val: Option<PathBuf>,
     /// Fraction of `data` held out for validation when `val` is not given.
@@ -52,6 +57,8 @@ impl Default for TrainConfig {
     fn default() -> Self {
         Self {
             model: None,
+            quantize: Quantize::None,
+            double_quant: false,
             data: None,
             val: None,
             val_split: 0.1,
@@ -99,6 +106,7 @@ impl TrainConfig {
         if self.out.is_none() {
             bail!("--out is required");
         }
+        self.quantize.settings(self.double_quant)?;
         if self.rank == 0 || self.batch_size == 0 || self.grad_accum == 0 || self.max_seq_len < 2 {
             bail!("rank, batch_size and grad_accum must be positive; max_seq_len at least 2");
         }
@@ -115,5 +123,32 @@ impl TrainConfig {
             bail!("give epochs >= 1 or max_steps");
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn example_configs_parse_and_qlora_keys_are_read() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs");
+        for name in [
+            "train-legal.toml",
+            "train-medical.toml",
+            "train-chatbot.toml",
+        ] {
+            let c = TrainConfig::from_file(&dir.join(name)).unwrap();
+            c.validate().unwrap();
+            assert_eq!(c.quantize, Quantize::None);
+        }
+        let mut c: TrainConfig = toml::from_str(
+            "data = \"d.jsonl\"\nout = \"o\"\nquantize = \"nf4\"\ndouble_quant = true",
+        )
+        .unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.quantize, Quantize::Nf4);
+        c.quantize = Quantize::None;
+        assert!(c.validate().is_err(), "double_quant without nf4");
     }
 }

@@ -5,18 +5,39 @@
 
 use super::frozen::frozen_linear;
 use super::params::LoraParams;
-use crate::model::{Llama, LlamaConfig, Proj};
+use crate::model::{LinearWeight, Llama, LlamaConfig, Proj};
+use crate::quant::{KernelPath, Nf4MatmulOp, Nf4Packed};
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor, D};
 use rand::{Rng, SeedableRng};
+use std::sync::Arc;
 
 /// One decoder block's frozen weights.
 struct FrozenLayer {
     attn_norm: Tensor,
     mlp_norm: Tensor,
     /// The seven projection weights, by `Proj::index`.
-    w: Vec<Tensor>,
+    w: Vec<FrozenWeight>,
     bias: Vec<Option<Tensor>>,
+}
+
+/// A frozen projection weight: dense in the training dtype, or NF4-packed (QLoRA; f32 only).
+enum FrozenWeight {
+    Dense(Tensor),
+    Nf4(Arc<Nf4Packed>),
+}
+
+impl FrozenWeight {
+    /// `x [n, in] → [n, out]`, with an input-gradient-only backward either way.
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        match self {
+            FrozenWeight::Dense(w) => frozen_linear(x, w),
+            FrozenWeight::Nf4(w) => x.contiguous()?.apply_op1(Nf4MatmulOp {
+                weight: w.clone(),
+                path: KernelPath::Auto,
+            }),
+        }
+    }
 }
 
 /// The frozen base in the dtype training runs in (f32; f64 for gradient checks).
@@ -40,8 +61,14 @@ impl TrainBase {
             let w = b
                 .proj
                 .iter()
-                .map(|l| c(&l.weight))
-                .collect::<candle_core::Result<Vec<_>>>()?;
+                .map(|l| match &l.weight {
+                    LinearWeight::F32(t) => Ok(FrozenWeight::Dense(c(t)?)),
+                    LinearWeight::Nf4(p) if dtype == DType::F32 => Ok(FrozenWeight::Nf4(p.clone())),
+                    LinearWeight::Nf4(_) => {
+                        anyhow::bail!("an NF4 base trains in f32 only, not {dtype:?}")
+                    }
+                })
+                .collect::<Result<Vec<_>>>()?;
             let bias = b
                 .proj
                 .iter()
@@ -146,7 +173,7 @@ pub fn hidden_states(
     ) in base.layers.iter().enumerate()
     {
         let mut linear = |h: &Tensor, p: Proj| -> Result<Tensor> {
-            let mut y = frozen_linear(h, &w[p.index()])?;
+            let mut y = w[p.index()].forward(h)?;
             if let Some(bb) = &bias[p.index()] {
                 y = y.broadcast_add(bb)?;
             }

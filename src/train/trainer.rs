@@ -29,7 +29,17 @@ pub struct Summary {
     /// Training examples after mixing and the validation split.
     pub train_examples: usize,
     pub tokens_per_second: f64,
+    /// The process's peak resident memory so far (Linux `VmHWM`), when the OS reports it.
+    pub peak_rss_bytes: Option<u64>,
     pub out: PathBuf,
+}
+
+/// The peak resident set size of this process (`VmHWM` in `/proc/self/status`).
+pub fn peak_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
 }
 
 /// Resolves `--target-modules` (`all-linear` = all seven).
@@ -444,6 +454,7 @@ pub fn train(cfg: &TrainConfig, model: &LoadedModel) -> Result<Summary> {
         trainable_params: lora.num_params(),
         train_examples: n,
         tokens_per_second: tokens_seen as f64 / started.elapsed().as_secs_f64().max(1e-9),
+        peak_rss_bytes: peak_rss_bytes(),
         out: out.clone(),
     };
     Ok(summary)

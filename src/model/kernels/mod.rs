@@ -13,6 +13,7 @@
 //!
 //! Nothing here has a backward pass: training uses the candle ops (`Kernels::Candle`).
 
+use crate::quant::{dot_rows_into, Nf4Input, Nf4Packed};
 use candle_core::Result;
 use rayon::prelude::*;
 
@@ -29,6 +30,13 @@ pub struct LowRank<'a> {
     pub t: &'a [f32],
 }
 
+/// A linear map's weight `[n, k]`: dense row-major f32, or NF4-packed.
+#[derive(Clone, Copy, Debug)]
+pub enum JobWeight<'a> {
+    F32(&'a [f32]),
+    Nf4(&'a Nf4Packed),
+}
+
 /// One linear map `y = x w^T (+ bias) (+ low-rank terms)` over `m` rows.
 #[derive(Clone, Debug)]
 pub struct LinearJob<'a> {
@@ -36,8 +44,8 @@ pub struct LinearJob<'a> {
     pub x: &'a [f32],
     pub m: usize,
     pub k: usize,
-    /// `[n, k]` row-major.
-    pub w: &'a [f32],
+    /// `[n, k]`.
+    pub w: JobWeight<'a>,
     pub n: usize,
     /// `[n]`
     pub bias: Option<&'a [f32]>,
@@ -54,11 +62,18 @@ impl LinearJob<'_> {
                 self.x.len()
             );
         }
-        if self.w.len() != n * k {
-            candle_core::bail!(
-                "linear_rows: w has {} values, expected {n}x{k}",
-                self.w.len()
-            );
+        match self.w {
+            JobWeight::F32(w) if w.len() != n * k => {
+                candle_core::bail!("linear_rows: w has {} values, expected {n}x{k}", w.len());
+            }
+            JobWeight::Nf4(w) if (w.rows, w.cols) != (n, k) => {
+                candle_core::bail!(
+                    "linear_rows: NF4 weight is [{}, {}], expected [{n}, {k}]",
+                    w.rows,
+                    w.cols
+                );
+            }
+            _ => {}
         }
         if let Some(b) = self.bias {
             if b.len() != n {
@@ -96,6 +111,14 @@ fn linear_rows_with(jobs: &[LinearJob<'_>], simd: bool) -> Result<Vec<Vec<f32>>>
     for job in jobs {
         job.check()?;
     }
+    // NF4 jobs: the input rows prepared once for the packed-row kernel.
+    let nf4_inputs: Vec<Option<Nf4Input>> = jobs
+        .iter()
+        .map(|j| match j.w {
+            JobWeight::Nf4(_) => Some(Nf4Input::new(j.x, j.m, j.k)),
+            JobWeight::F32(_) => None,
+        })
+        .collect();
     // Outputs are computed transposed (`[n, m]`) so that a task's rows are one contiguous chunk.
     let mut outs: Vec<Vec<f32>> = jobs.iter().map(|j| vec![0f32; j.n * j.m]).collect();
     let mut tasks: Vec<(usize, usize, &mut [f32])> = Vec::new();
@@ -112,12 +135,12 @@ fn linear_rows_with(jobs: &[LinearJob<'_>], simd: bool) -> Result<Vec<Vec<f32>>>
     let work: usize = jobs.iter().map(|j| j.m * j.n * j.k).sum();
     if work < PARALLEL_MIN_WORK || tasks.len() < 2 {
         for (ji, j0, chunk) in tasks {
-            run_rows(&jobs[ji], j0, chunk, simd);
+            run_rows(&jobs[ji], nf4_inputs[ji].as_ref(), j0, chunk, simd)?;
         }
     } else {
-        tasks
-            .into_par_iter()
-            .for_each(|(ji, j0, chunk)| run_rows(&jobs[ji], j0, chunk, simd));
+        tasks.into_par_iter().try_for_each(|(ji, j0, chunk)| {
+            run_rows(&jobs[ji], nf4_inputs[ji].as_ref(), j0, chunk, simd)
+        })?;
     }
     Ok(jobs
         .iter()
@@ -146,39 +169,21 @@ const MR: usize = 2;
 const NR: usize = 4;
 const NR_ONE: usize = 8;
 
-/// Output rows `j0..` of `job` into `out` (`[rows, m]`, transposed).
-fn run_rows(job: &LinearJob<'_>, j0: usize, out: &mut [f32], simd: bool) {
-    let (m, k) = (job.m, job.k);
+/// Output rows `j0..` of `job` into `out` (`[rows, m]`, transposed); `nf4` is the prepared
+/// input of an NF4 job.
+fn run_rows(
+    job: &LinearJob<'_>,
+    nf4: Option<&Nf4Input>,
+    j0: usize,
+    out: &mut [f32],
+    simd: bool,
+) -> Result<()> {
+    let m = job.m;
     let rows = out.len() / m;
-    let step = if m == 1 { NR_ONE } else { NR };
-    let mut j = 0;
-    while j < rows {
-        let nr = (rows - j).min(step);
-        let w = &job.w[(j0 + j) * k..(j0 + j + nr) * k];
-        // With several input rows the tiles are compute-bound and the hardware prefetcher falls
-        // behind: prefetch the next block of weight rows while this one is computed (measured:
-        // 20-25% faster for 2-8 rows; no gain for one row, which streams).
-        let next = match m {
-            1 => &[][..],
-            _ => {
-                &job.w
-                    [((j0 + j + nr) * k).min(job.w.len())..((j0 + j + 2 * nr) * k).min(job.w.len())]
-            }
-        };
-        let mut i = 0;
-        while i < m {
-            let mr = (m - i).min(MR);
-            let x = &job.x[i * k..(i + mr) * k];
-            let pf = if i == 0 { next } else { &[] };
-            let tile = tile_any(x, mr, w, nr, k, pf, simd);
-            for (ii, row) in tile.iter().enumerate().take(mr) {
-                for (jj, v) in row.iter().enumerate().take(nr) {
-                    out[(j + jj) * m + i + ii] = *v;
-                }
-            }
-            i += mr;
-        }
-        j += nr;
+    match (job.w, nf4) {
+        (JobWeight::F32(w), _) => dense_rows(w, job, j0, out, simd),
+        (JobWeight::Nf4(w), Some(input)) => dot_rows_into(w, j0, j0 + rows, input, out, m)?,
+        (JobWeight::Nf4(_), None) => candle_core::bail!("linear_rows: NF4 job without its input"),
     }
     if let Some(bias) = job.bias {
         for (jj, row) in out.chunks_mut(m).enumerate() {
@@ -198,6 +203,43 @@ fn run_rows(job: &LinearJob<'_>, j0: usize, out: &mut [f32], simd: bool) {
         for (jj, v) in acc.iter().enumerate() {
             out[jj * m + i] += *v;
         }
+    }
+    Ok(())
+}
+
+/// The base product `x w^T` for output rows `j0..` of a dense job into `out` (`[rows, m]`).
+fn dense_rows(w_all: &[f32], job: &LinearJob<'_>, j0: usize, out: &mut [f32], simd: bool) {
+    let (m, k) = (job.m, job.k);
+    let rows = out.len() / m;
+    let step = if m == 1 { NR_ONE } else { NR };
+    let mut j = 0;
+    while j < rows {
+        let nr = (rows - j).min(step);
+        let w = &w_all[(j0 + j) * k..(j0 + j + nr) * k];
+        // With several input rows the tiles are compute-bound and the hardware prefetcher falls
+        // behind: prefetch the next block of weight rows while this one is computed (measured:
+        // 20-25% faster for 2-8 rows; no gain for one row, which streams).
+        let next = match m {
+            1 => &[][..],
+            _ => {
+                &w_all
+                    [((j0 + j + nr) * k).min(w_all.len())..((j0 + j + 2 * nr) * k).min(w_all.len())]
+            }
+        };
+        let mut i = 0;
+        while i < m {
+            let mr = (m - i).min(MR);
+            let x = &job.x[i * k..(i + mr) * k];
+            let pf = if i == 0 { next } else { &[] };
+            let tile = tile_any(x, mr, w, nr, k, pf, simd);
+            for (ii, row) in tile.iter().enumerate().take(mr) {
+                for (jj, v) in row.iter().enumerate().take(nr) {
+                    out[(j + jj) * m + i + ii] = *v;
+                }
+            }
+            i += mr;
+        }
+        j += nr;
     }
 }
 
