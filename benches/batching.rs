@@ -1,6 +1,8 @@
 //! Aggregate decode throughput of continuous batching on the default model: N sequences decoding
-//! together each step (in forward calls of at most `fast::MAX_ROWS` rows, as the scheduler does), all on the base, or spread over 4 different adapters (r=16,
-//! all seven linear modules) — the multi-adapter case llama.cpp cannot batch.
+//! together each step (in forward calls of at most `fast::MAX_ROWS` rows, as the scheduler does),
+//! all on the base, or spread over 4 different adapters (r=16, all seven linear modules) — the
+//! multi-adapter case llama.cpp cannot batch — on the f32 base and on the NF4 (double-quantized)
+//! base.
 //!
 //! `cargo bench --bench batching`. Knobs: `LORAPLEX_BENCH_BATCHES` (default "1,4,16,32"),
 //! `LORAPLEX_BENCH_STEPS` (decode steps measured, default 16).
@@ -8,7 +10,7 @@
 use anyhow::Result;
 use loraplex::lora::synthetic::write_synthetic_adapter;
 use loraplex::lora::{LoraAdapter, LoraStack};
-use loraplex::model::{self, fast, LoadedModel, LogitsMode, Proj, SeqInput};
+use loraplex::model::{self, fast, LoadedModel, LogitsMode, Nf4Settings, Proj, SeqInput};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -75,13 +77,22 @@ fn main() -> Result<()> {
         let a = Arc::new(LoraAdapter::load(&format!("a{i}"), &p, &m.llama.cfg)?);
         stacks.push(Some(Arc::new(LoraStack::single(a, layers)?)));
     }
-    println!("| sequences | base only tok/s | 4 adapters mixed tok/s | mixed vs base |");
-    println!("| ---: | ---: | ---: | ---: |");
+    let mut nf4 = model::load(None)?;
+    nf4.quantize(Some(Nf4Settings::new(true)))?;
+    println!("| sequences | base only tok/s | 4 adapters mixed tok/s | mixed vs base | NF4 base tok/s | NF4 4 adapters mixed tok/s | NF4 vs f32 (base, mixed) |");
+    println!("| ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
     for &n in &batches {
+        let mixed_stacks: Vec<_> = (0..n).map(|i| stacks[i % 4].clone()).collect();
         let base = throughput(&m, &vec![None; n], steps)?;
-        let mixed: Vec<_> = (0..n).map(|i| stacks[i % 4].clone()).collect();
-        let mixed = throughput(&m, &mixed, steps)?;
-        println!("| {n} | {base:.1} | {mixed:.1} | {:.2}x |", mixed / base);
+        let mixed = throughput(&m, &mixed_stacks, steps)?;
+        let nf4_base = throughput(&nf4, &vec![None; n], steps)?;
+        let nf4_mixed = throughput(&nf4, &mixed_stacks, steps)?;
+        println!(
+            "| {n} | {base:.1} | {mixed:.1} | {:.2}x | {nf4_base:.1} | {nf4_mixed:.1} | {:.2}x, {:.2}x |",
+            mixed / base,
+            nf4_base / base,
+            nf4_mixed / mixed
+        );
     }
     Ok(())
 }
