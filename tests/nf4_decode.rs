@@ -4,25 +4,11 @@
 //! steps) and within the error bound that this quantization implies; row sub-ranges and
 //! strides, zero and extreme inputs, and size errors.
 
+mod common;
+
+use common::normal;
 use loraplex::quant::kernels::{matmul, simd_available, KernelPath};
 use loraplex::quant::{dot_rows_into, quantize_nf4, quantize_nf4_double, Nf4Input, Nf4Packed};
-
-/// Deterministic normal samples (Box-Muller over a 64-bit LCG).
-fn normal(n: usize, seed: u64, sigma: f64) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ 0x2545_f491_4f6c_dd1d;
-    let mut uni = move || {
-        s = s
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        ((s >> 11) as f64 + 0.5) / (1u64 << 53) as f64
-    };
-    (0..n)
-        .map(|_| {
-            let (u1, u2) = (uni(), uni());
-            ((-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos() * sigma) as f32
-        })
-        .collect()
-}
 
 /// Per weight row r and input row g: the f64 dot product with the dequantized weight, the scale
 /// `sum |W| |x|`, and the bound on the int16 kernel's error (half a step of the input's 64-feature

@@ -233,6 +233,33 @@ impl TinyRun {
         args.extend(extra.iter().map(|s| s.to_string()));
         Command::new(bin()).args(&args).output().unwrap()
     }
+
+    /// The run that memorises the 16 examples (400 steps, r=16), with extra flags.
+    fn train_memorise(&self, out: &str, extra: &[&str]) -> std::process::Output {
+        let mut args = vec!["--out", out, "--max-steps", "400", "--lr", "0.005"];
+        args.extend(["--rank", "16", "--alpha", "32", "--warmup-ratio", "0.05"]);
+        args.extend(extra);
+        self.train(&args)
+    }
+
+    /// `generate --chat` through `adapter` (4 greedy tokens) with extra flags: the answer text.
+    fn answer(&self, adapter: &str, question: &str, extra: &[&str]) -> String {
+        let mut args = vec!["generate", "--model", self.model.to_str().unwrap()];
+        args.extend([
+            "--adapter",
+            adapter,
+            "--chat",
+            question,
+            "--max-tokens",
+            "4",
+            "--json",
+        ]);
+        args.extend(extra);
+        let g = Command::new(bin()).args(&args).output().unwrap();
+        assert!(g.status.success(), "{}", String::from_utf8_lossy(&g.stderr));
+        let v: Value = serde_json::from_slice(&g.stdout).unwrap();
+        v["text"].as_str().unwrap().to_string()
+    }
 }
 
 fn last_loss(out: &Path) -> f64 {
@@ -246,20 +273,7 @@ fn last_loss(out: &Path) -> f64 {
 fn memorises_sixteen_examples_and_the_adapter_is_served() {
     let r = tiny_run();
     let out = r.p("memo");
-    let o = r.train(&[
-        "--out",
-        &out,
-        "--max-steps",
-        "400",
-        "--lr",
-        "0.005",
-        "--rank",
-        "16",
-        "--alpha",
-        "32",
-        "--warmup-ratio",
-        "0.05",
-    ]);
+    let o = r.train_memorise(&out, &[]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let loss = last_loss(Path::new(&out));
     assert!(loss < 0.05, "final train loss {loss}");
@@ -285,24 +299,7 @@ fn memorises_sixteen_examples_and_the_adapter_is_served() {
         (Some("LORA"), Some("CAUSAL_LM"), Some(16))
     );
     // generate through the adapter reproduces a training answer.
-    let g = Command::new(bin())
-        .args([
-            "generate",
-            "--model",
-            r.model.to_str().unwrap(),
-            "--adapter",
-            &out,
-            "--chat",
-            "q3?",
-            "--max-tokens",
-            "4",
-            "--json",
-        ])
-        .output()
-        .unwrap();
-    assert!(g.status.success(), "{}", String::from_utf8_lossy(&g.stderr));
-    let v: Value = serde_json::from_slice(&g.stdout).unwrap();
-    assert_eq!(v["text"], "A1-0");
+    assert_eq!(r.answer(&out, "q3?", &[]), "A1-0");
     // eval: base vs adapter on the training set (loss, exact match, format match).
     let e = Command::new(bin())
         .args([
@@ -339,23 +336,8 @@ fn memorises_sixteen_examples_and_the_adapter_is_served() {
 fn qlora_on_an_nf4_base_memorises_and_the_adapter_is_served_on_it() {
     let r = tiny_run();
     let out = r.p("qlora");
-    let o = r.train(&[
-        "--out",
-        &out,
-        "--quantize",
-        "nf4",
-        "--double-quant",
-        "--max-steps",
-        "400",
-        "--lr",
-        "0.005",
-        "--rank",
-        "16",
-        "--alpha",
-        "32",
-        "--warmup-ratio",
-        "0.05",
-    ]);
+    let nf4 = ["--quantize", "nf4", "--double-quant"];
+    let o = r.train_memorise(&out, &nf4);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let summary: Value = serde_json::from_slice(&o.stdout).unwrap();
     assert!(summary["peak_rss_bytes"].as_u64().unwrap() > 0);
@@ -368,27 +350,7 @@ fn qlora_on_an_nf4_base_memorises_and_the_adapter_is_served_on_it() {
     assert_eq!(args["quantize"], "nf4", "{args}");
     assert_eq!(args["double_quant"], true);
     // Served on the same NF4 base, the adapter answers like its training data.
-    let g = Command::new(bin())
-        .args([
-            "generate",
-            "--model",
-            r.model.to_str().unwrap(),
-            "--quantize",
-            "nf4",
-            "--double-quant",
-            "--adapter",
-            &out,
-            "--chat",
-            "q3?",
-            "--max-tokens",
-            "4",
-            "--json",
-        ])
-        .output()
-        .unwrap();
-    assert!(g.status.success(), "{}", String::from_utf8_lossy(&g.stderr));
-    let v: Value = serde_json::from_slice(&g.stdout).unwrap();
-    assert_eq!(v["text"], "A1-0");
+    assert_eq!(r.answer(&out, "q3?", &nf4), "A1-0");
 }
 
 #[test]
