@@ -22,6 +22,7 @@
 
 use super::decode::{Chunk, CODE_SCALE};
 use super::nf4::NF4_CODE;
+use super::simd::hsum;
 use std::arch::x86_64::*;
 
 /// Weights per unit (the span of one int32 accumulation).
@@ -107,15 +108,6 @@ impl Tables {
             _mm256_unpackhi_epi8(ol, oh),
         ]
     }
-}
-
-#[inline]
-#[target_feature(enable = "avx2,fma")]
-fn hsum(v: __m256) -> f32 {
-    let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
-    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    let s = _mm_add_ss(s, _mm_shuffle_ps::<1>(s, s));
-    _mm_cvtss_f32(s)
 }
 
 /// The int32 sums of one unit's products: `x` points at its four chunks (8 products a lane).
