@@ -111,14 +111,29 @@ fn linear_rows_with(jobs: &[LinearJob<'_>], simd: bool) -> Result<Vec<Vec<f32>>>
     for job in jobs {
         job.check()?;
     }
-    // NF4 jobs: the input rows prepared once for the packed-row kernel.
-    let nf4_inputs: Vec<Option<Nf4Input>> = jobs
-        .iter()
-        .map(|j| match j.w {
-            JobWeight::Nf4(_) => Some(Nf4Input::new(j.x, j.m, j.k)),
+    // NF4 jobs: the input rows prepared for the packed-row kernel, once per distinct input (q/k/v
+    // and gate/up read the same rows).
+    let mut prepared: Vec<(&[f32], usize, Nf4Input)> = Vec::new();
+    let mut nf4_slot: Vec<Option<usize>> = Vec::with_capacity(jobs.len());
+    for j in jobs {
+        nf4_slot.push(match j.w {
             JobWeight::F32(_) => None,
-        })
-        .collect();
+            JobWeight::Nf4(_) => Some(
+                match prepared
+                    .iter()
+                    .position(|(x, m, _)| std::ptr::eq(*x, j.x) && *m == j.m)
+                {
+                    Some(i) => i,
+                    None => {
+                        prepared.push((j.x, j.m, Nf4Input::new(j.x, j.m, j.k)));
+                        prepared.len() - 1
+                    }
+                },
+            ),
+        });
+    }
+    let nf4_inputs: Vec<Option<&Nf4Input>> =
+        nf4_slot.iter().map(|s| s.map(|i| &prepared[i].2)).collect();
     // Outputs are computed transposed (`[n, m]`) so that a task's rows are one contiguous chunk.
     let mut outs: Vec<Vec<f32>> = jobs.iter().map(|j| vec![0f32; j.n * j.m]).collect();
     let mut tasks: Vec<(usize, usize, &mut [f32])> = Vec::new();
@@ -135,12 +150,12 @@ fn linear_rows_with(jobs: &[LinearJob<'_>], simd: bool) -> Result<Vec<Vec<f32>>>
     let work: usize = jobs.iter().map(|j| j.m * j.n * j.k).sum();
     if work < PARALLEL_MIN_WORK || tasks.len() < 2 {
         for (ji, j0, chunk) in tasks {
-            run_rows(&jobs[ji], nf4_inputs[ji].as_ref(), j0, chunk, simd)?;
+            run_rows(&jobs[ji], nf4_inputs[ji], j0, chunk, simd)?;
         }
     } else {
-        tasks.into_par_iter().try_for_each(|(ji, j0, chunk)| {
-            run_rows(&jobs[ji], nf4_inputs[ji].as_ref(), j0, chunk, simd)
-        })?;
+        tasks
+            .into_par_iter()
+            .try_for_each(|(ji, j0, chunk)| run_rows(&jobs[ji], nf4_inputs[ji], j0, chunk, simd))?;
     }
     Ok(jobs
         .iter()
