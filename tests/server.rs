@@ -101,6 +101,17 @@ fn completion(model: &str, prompt: &[u32], max_tokens: usize) -> Value {
     json!({"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": true})
 }
 
+/// Posts every body to /v1/completions at once (one thread each); answers in body order.
+fn post_concurrently(server: &Server, bodies: &[Value]) -> Vec<(u16, Value)> {
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = bodies
+            .iter()
+            .map(|body| scope.spawn(move || server.post("/v1/completions", body)))
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    })
+}
+
 #[test]
 fn sixteen_concurrent_requests_over_adapters_and_a_stack_equal_generate_alone() {
     let f = fixture();
@@ -126,24 +137,21 @@ fn sixteen_concurrent_requests_over_adapters_and_a_stack_equal_generate_alone() 
         .iter()
         .map(|&(k, p)| f.generate_alone(&prompts[p], &kinds[k].1, 10))
         .collect();
-    let got: Vec<(u16, Value)> = std::thread::scope(|scope| {
-        let handles: Vec<_> = jobs
-            .iter()
-            .map(|&(k, p)| {
-                let (model, stack) = &kinds[k];
-                let mut body = completion(model, &prompts[p], 10);
-                if stack.len() > 1 {
-                    body["adapters"] = json!(stack
-                        .iter()
-                        .map(|(n, w)| json!({"name": n, "weight": w}))
-                        .collect::<Vec<_>>());
-                }
-                let server = &server;
-                scope.spawn(move || server.post("/v1/completions", &body))
-            })
-            .collect();
-        handles.into_iter().map(|h| h.join().unwrap()).collect()
-    });
+    let bodies: Vec<Value> = jobs
+        .iter()
+        .map(|&(k, p)| {
+            let (model, stack) = &kinds[k];
+            let mut body = completion(model, &prompts[p], 10);
+            if stack.len() > 1 {
+                body["adapters"] = json!(stack
+                    .iter()
+                    .map(|(n, w)| json!({"name": n, "weight": w}))
+                    .collect::<Vec<_>>());
+            }
+            body
+        })
+        .collect();
+    let got = post_concurrently(&server, &bodies);
     for (i, (code, body)) in got.iter().enumerate() {
         assert_eq!(*code, 200, "{body}");
         assert_eq!(
@@ -521,18 +529,12 @@ fn nf4_base_serves_adapters_batched_together_and_reports_its_bytes() {
         .collect();
     // The NF4 base answers differently from the f32 one (it is really quantized).
     assert_ne!(expected[0], f.generate_alone(&prompt, &[], 10));
-    let got: Vec<(u16, Value)> = std::thread::scope(|scope| {
-        let handles: Vec<_> = kinds
-            .iter()
-            .chain(kinds.iter())
-            .map(|(model, _)| {
-                let body = completion(model, &prompt, 10);
-                let server = &server;
-                scope.spawn(move || server.post("/v1/completions", &body))
-            })
-            .collect();
-        handles.into_iter().map(|h| h.join().unwrap()).collect()
-    });
+    let bodies: Vec<Value> = kinds
+        .iter()
+        .chain(kinds.iter())
+        .map(|(model, _)| completion(model, &prompt, 10))
+        .collect();
+    let got = post_concurrently(&server, &bodies);
     for (i, (code, body)) in got.iter().enumerate() {
         assert_eq!(*code, 200, "{body}");
         let want = &expected[i % kinds.len()];
