@@ -339,6 +339,36 @@ fn bad_nf4_input_is_refused_with_a_reason() {
         "{e}"
     );
 
+    // Calibration: a bad dampening, a missing file, a model without a tokenizer.
+    let out = dir.path().join("never");
+    let e = run_err(&[
+        "quantize",
+        "--model",
+        p(&model),
+        "--out",
+        p(&out),
+        "--calibration",
+        "x.jsonl",
+        "--damp",
+        "0",
+    ]);
+    assert!(e.contains("--damp"), "{e}");
+    let missing = dir.path().join("missing.jsonl");
+    let e = run_err(&[
+        "quantize",
+        "--model",
+        p(&model),
+        "--out",
+        p(&out),
+        "--calibration",
+        p(&missing),
+    ]);
+    assert!(
+        e.contains("tokenizer") || e.contains("missing.jsonl"),
+        "{e}"
+    );
+    assert!(!out.exists(), "nothing is written on a refusal");
+
     // Another quantization method in config.json.
     let gptq = dir.path().join("gptq");
     std::fs::create_dir_all(&gptq).unwrap();

@@ -53,6 +53,9 @@ pub struct LinearBytes {
     pub f16: usize,
 }
 
+/// Sees the input of each projection group during `Llama::block_forward` (calibration).
+pub type InputObserver<'a> = dyn FnMut(Proj, &Tensor) -> Result<()> + 'a;
+
 /// One sequence's share of a forward call.
 pub struct SeqInput<'a> {
     /// The new tokens (a prompt chunk, or the one token just sampled).
@@ -380,66 +383,8 @@ impl Llama {
         let groups = self.row_groups(seqs)?;
         let ids = Tensor::from_vec(ids, total, &self.device)?;
         let mut x = self.embed.index_select(&ids, 0)?;
-        let (nh, nkv, hd) = (
-            cfg.num_attention_heads,
-            cfg.num_key_value_heads,
-            cfg.head_dim,
-        );
-        let group = cfg.gqa_group();
-        let scale = 1.0 / (hd as f64).sqrt();
-        let eps = cfg.rms_norm_eps as f32;
-        for (l, blk) in self.blocks.iter().enumerate() {
-            let h = candle_nn::ops::rms_norm(&x, &blk.attn_norm, eps)?;
-            let q = self.linear(&h, l, Proj::Q, &groups)?;
-            let k = self.linear(&h, l, Proj::K, &groups)?;
-            let v = self.linear(&h, l, Proj::V, &groups)?;
-            let mut outs = Vec::with_capacity(seqs.len());
-            let mut r0 = 0;
-            for s in seqs.iter_mut() {
-                let len = s.tokens.len();
-                let off = s.cache.len();
-                let heads = |t: &Tensor, n: usize| -> Result<Tensor> {
-                    t.narrow(0, r0, len)?
-                        .reshape((len, n, hd))?
-                        .transpose(0, 1)?
-                        .contiguous()
-                };
-                let qs = self.rope.apply(&heads(&q, nh)?, off, false)?;
-                let ks = self.rope.apply(&heads(&k, nkv)?, off, false)?;
-                let vs = heads(&v, nkv)?;
-                let (k_all, v_all) = s.cache.append(l, &ks, &vs)?;
-                let t = off + len;
-                // Query heads h = kv * group + g share kv head `kv`: fold the group into rows.
-                let qg = qs.reshape((nkv, group * len, hd))?;
-                let mut att = (qg.matmul(&k_all.t()?)? * scale)?;
-                if len > 1 {
-                    let mask: Vec<f32> = (0..len)
-                        .flat_map(|i| {
-                            (0..t).map(move |j| if j > off + i { f32::NEG_INFINITY } else { 0.0 })
-                        })
-                        .collect();
-                    let mask = Tensor::from_vec(mask, (len, t), &self.device)?;
-                    att = att
-                        .reshape((nkv, group, len, t))?
-                        .broadcast_add(&mask)?
-                        .reshape((nkv, group * len, t))?;
-                }
-                let att = candle_nn::ops::softmax_last_dim(&att)?;
-                let o = att.matmul(&v_all.contiguous()?)?;
-                outs.push(
-                    o.reshape((nh, len, hd))?
-                        .transpose(0, 1)?
-                        .reshape((len, nh * hd))?,
-                );
-                r0 += len;
-            }
-            let attn = Tensor::cat(&outs, 0)?;
-            x = (x + self.linear(&attn, l, Proj::O, &groups)?)?;
-            let h = candle_nn::ops::rms_norm(&x, &blk.mlp_norm, eps)?;
-            let gate = self.linear(&h, l, Proj::Gate, &groups)?;
-            let up = self.linear(&h, l, Proj::Up, &groups)?;
-            let act = (gate.silu()? * up)?;
-            x = (x + self.linear(&act, l, Proj::Down, &groups)?)?;
+        for l in 0..self.blocks.len() {
+            x = self.block(l, &x, seqs, &groups, None)?;
         }
         for s in seqs.iter_mut() {
             s.cache.commit();
@@ -457,8 +402,107 @@ impl Llama {
                 x.index_select(&Tensor::from_vec(last, n, &self.device)?, 0)?
             }
         };
-        let x = candle_nn::ops::rms_norm(&x, &self.norm, eps)?;
+        let x = candle_nn::ops::rms_norm(&x, &self.norm, cfg.rms_norm_eps as f32)?;
         x.matmul(&self.lm_head.t()?)
+    }
+
+    /// Runs decoder block `layer` alone on hidden states `x` (`[rows, hidden]`, the rows of
+    /// `seqs` one after another; each cache's layer `layer` grows and nothing is committed),
+    /// without LoRA. `observe` sees the input of each projection group as it is computed
+    /// (`Proj::Q` for q/k/v, `O`, `Gate` for gate/up, `Down`): what calibration collects.
+    pub fn block_forward(
+        &self,
+        layer: usize,
+        x: &Tensor,
+        seqs: &mut [SeqInput<'_>],
+        observe: &mut InputObserver<'_>,
+    ) -> Result<Tensor> {
+        if layer >= self.blocks.len() {
+            candle_core::bail!("layer {layer} is outside the model's {}", self.blocks.len());
+        }
+        self.block(layer, x, seqs, &[], Some(observe))
+    }
+
+    /// One decoder block on the candle-op path: attention per sequence on its cache, then the MLP.
+    fn block(
+        &self,
+        l: usize,
+        x: &Tensor,
+        seqs: &mut [SeqInput<'_>],
+        groups: &[RowGroup],
+        mut observe: Option<&mut InputObserver<'_>>,
+    ) -> Result<Tensor> {
+        let cfg = &self.cfg;
+        let blk = &self.blocks[l];
+        let (nh, nkv, hd) = (
+            cfg.num_attention_heads,
+            cfg.num_key_value_heads,
+            cfg.head_dim,
+        );
+        let mut seen = |p: Proj, t: &Tensor| -> Result<()> {
+            match observe.as_mut() {
+                Some(f) => f(p, t),
+                None => Ok(()),
+            }
+        };
+        let group = cfg.gqa_group();
+        let scale = 1.0 / (hd as f64).sqrt();
+        let eps = cfg.rms_norm_eps as f32;
+        let h = candle_nn::ops::rms_norm(x, &blk.attn_norm, eps)?;
+        seen(Proj::Q, &h)?;
+        let q = self.linear(&h, l, Proj::Q, groups)?;
+        let k = self.linear(&h, l, Proj::K, groups)?;
+        let v = self.linear(&h, l, Proj::V, groups)?;
+        let mut outs = Vec::with_capacity(seqs.len());
+        let mut r0 = 0;
+        for s in seqs.iter_mut() {
+            let len = s.tokens.len();
+            let off = s.cache.len();
+            let heads = |t: &Tensor, n: usize| -> Result<Tensor> {
+                t.narrow(0, r0, len)?
+                    .reshape((len, n, hd))?
+                    .transpose(0, 1)?
+                    .contiguous()
+            };
+            let qs = self.rope.apply(&heads(&q, nh)?, off, false)?;
+            let ks = self.rope.apply(&heads(&k, nkv)?, off, false)?;
+            let vs = heads(&v, nkv)?;
+            let (k_all, v_all) = s.cache.append(l, &ks, &vs)?;
+            let t = off + len;
+            // Query heads h = kv * group + g share kv head `kv`: fold the group into rows.
+            let qg = qs.reshape((nkv, group * len, hd))?;
+            let mut att = (qg.matmul(&k_all.t()?)? * scale)?;
+            if len > 1 {
+                let mask: Vec<f32> = (0..len)
+                    .flat_map(|i| {
+                        (0..t).map(move |j| if j > off + i { f32::NEG_INFINITY } else { 0.0 })
+                    })
+                    .collect();
+                let mask = Tensor::from_vec(mask, (len, t), &self.device)?;
+                att = att
+                    .reshape((nkv, group, len, t))?
+                    .broadcast_add(&mask)?
+                    .reshape((nkv, group * len, t))?;
+            }
+            let att = candle_nn::ops::softmax_last_dim(&att)?;
+            let o = att.matmul(&v_all.contiguous()?)?;
+            outs.push(
+                o.reshape((nh, len, hd))?
+                    .transpose(0, 1)?
+                    .reshape((len, nh * hd))?,
+            );
+            r0 += len;
+        }
+        let attn = Tensor::cat(&outs, 0)?;
+        seen(Proj::O, &attn)?;
+        let x = (x + self.linear(&attn, l, Proj::O, groups)?)?;
+        let h = candle_nn::ops::rms_norm(&x, &blk.mlp_norm, eps)?;
+        seen(Proj::Gate, &h)?;
+        let gate = self.linear(&h, l, Proj::Gate, groups)?;
+        let up = self.linear(&h, l, Proj::Up, groups)?;
+        let act = (gate.silu()? * up)?;
+        seen(Proj::Down, &act)?;
+        x + self.linear(&act, l, Proj::Down, groups)?
     }
 
     /// Groups the batch's rows by LoRA stack (identity of the `Arc`).

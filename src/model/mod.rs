@@ -1,6 +1,7 @@
 //! The base model: config parsing, weight loading (HF safetensors folders, GGUF files, hub ids),
 //! the Llama forward pass with per-sequence KV caches, and writing an HF folder back out.
 
+pub mod calibrate;
 pub mod config;
 pub mod export;
 pub mod fast;
@@ -203,7 +204,7 @@ impl LoadedModel {
 
 /// Returns freed heap pages to the OS (glibc keeps them otherwise, and the process would go on
 /// showing the dense weights' size as resident after they were quantized away).
-fn release_freed_memory() {
+pub fn release_freed_memory() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: malloc_trim only walks glibc's own heap structures under its own lock.
     unsafe {

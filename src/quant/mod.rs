@@ -1,9 +1,11 @@
 //! NF4 (QLoRA's 4-bit NormalFloat) weights: bitsandbytes-exact quantization (`nf4`), the matmul
-//! kernels that use the packed form directly (`kernels`) and bitsandbytes' HF serialization
+//! kernels that use the packed form directly (`kernels`), error-compensating rounding from
+//! calibration data (`gptq`) and bitsandbytes' HF serialization
 //! (`bnb`).
 
 pub mod bnb;
 pub mod decode;
+pub mod gptq;
 pub mod kernels;
 pub mod nf4;
 #[cfg(target_arch = "x86_64")]
@@ -13,6 +15,7 @@ mod simd_int;
 
 pub use bnb::{is_bnb_layer, load_layer, save_layer, QuantizationConfig};
 pub use decode::{dot_rows_into, Nf4Input};
+pub use gptq::{gptq_nf4, GptqSettings, Hessian};
 pub use kernels::{KernelPath, Nf4Linear, Nf4MatmulOp};
 pub use nf4::{
     dynamic_map, quantize_nf4, quantize_nf4_double, Absmax, NestedAbsmax, Nf4Packed,
