@@ -97,9 +97,9 @@ fn share_equal(a: &[Vec<u32>], b: &[Vec<u32>]) -> f64 {
 
 /// The issue's bar is >= 90% agreement of free-running greedy continuations. On this model
 /// (SmolLM2-135M, itself shipped as Q4_1) NF4 moves every weight by ~9.4% RMS and the free-running
-/// continuations part ways within a few tokens (measured ~16%, BENCHMARKS.md), so the test
-/// asserts what holds and would catch a broken quantizer: the first token of every answer and
-/// the teacher-forced choices (same context in both models).
+/// continuations part ways within a few tokens (measured ~16% plain, ~24% calibrated,
+/// BENCHMARKS.md), so the test asserts what holds and would catch a broken quantizer: the first
+/// token of every answer and the teacher-forced choices (same context in both models).
 #[test]
 fn nf4_greedy_choices_track_the_f32_model() {
     let f32_model = load(None);
@@ -164,8 +164,8 @@ fn nf4_held_out_perplexity_stays_within_2x_of_f32() {
             "{set}: perplexity f32 {p32:.3}, NF4 {p4:.3} ({:+.2}%)",
             (p4 / p32 - 1.0) * 100.0
         );
-        // The issue asks for < 5%; measured +33% to +82% on this model (see the note above the
-        // agreement test). Assert the bound that holds, which a broken quantizer would not.
+        // The issue asks for < 5%; plain NF4 measures +25% to +79% on this model (calibrated NF4
+        // meets it, tested below). Assert the bound that holds, which a broken quantizer would not.
         assert!(p4 < 2.0 * p32, "{set}: perplexity {p32} -> {p4}");
     }
 }
