@@ -148,17 +148,20 @@ fn repo(p: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(p)
 }
 
+/// The base model's perplexity on the response tokens of an example dataset's test split.
+fn test_perplexity(m: &LoadedModel, set: &str) -> f64 {
+    let data = repo(&format!("data/{set}/test.jsonl"));
+    evaluate(m, None, "base", &data, None, 1, None)
+        .unwrap()
+        .perplexity
+}
+
 #[test]
 fn nf4_held_out_perplexity_stays_within_2x_of_f32() {
     let f32_model = load(None);
     let nf4 = load(Some(Nf4Settings::new(true)));
     for set in ["legal", "medical", "chatbot"] {
-        let data = repo(&format!("data/{set}/test.jsonl"));
-        let ppl = |m: &LoadedModel| {
-            evaluate(m, None, "base", &data, None, 1, None)
-                .unwrap()
-                .perplexity
-        };
+        let ppl = |m: &LoadedModel| test_perplexity(m, set);
         let (p32, p4) = (ppl(&f32_model), ppl(&nf4));
         eprintln!(
             "{set}: perplexity f32 {p32:.3}, NF4 {p4:.3} ({:+.2}%)",
@@ -202,12 +205,7 @@ fn calibrated_nf4_keeps_held_out_perplexity_within_5_percent_of_f32() {
     );
     let plain = load(Some(Nf4Settings::new(false)));
     for set in ["legal", "medical", "chatbot"] {
-        let data = repo(&format!("data/{set}/test.jsonl"));
-        let ppl = |m: &LoadedModel| {
-            evaluate(m, None, "base", &data, None, 1, None)
-                .unwrap()
-                .perplexity
-        };
+        let ppl = |m: &LoadedModel| test_perplexity(m, set);
         let (p32, pc, pp) = (ppl(&f32_model), ppl(&calibrated), ppl(&plain));
         eprintln!(
             "{set}: perplexity f32 {p32:.3}, calibrated NF4 {pc:.3} ({:+.2}%), plain NF4 {pp:.3} ({:+.2}%)",
