@@ -339,7 +339,7 @@ fn bad_nf4_input_is_refused_with_a_reason() {
         "{e}"
     );
 
-    // Calibration: a bad dampening, a missing file, a model without a tokenizer.
+    // Calibration: a bad dampening; a model without a tokenizer (calibration text needs one).
     let out = dir.path().join("never");
     let e = run_err(&[
         "quantize",
@@ -353,7 +353,8 @@ fn bad_nf4_input_is_refused_with_a_reason() {
         "0",
     ]);
     assert!(e.contains("--damp"), "{e}");
-    let missing = dir.path().join("missing.jsonl");
+    let data = dir.path().join("calibration.jsonl");
+    std::fs::write(&data, "{\"instruction\": \"hi\", \"output\": \"hello\"}\n").unwrap();
     let e = run_err(&[
         "quantize",
         "--model",
@@ -361,10 +362,10 @@ fn bad_nf4_input_is_refused_with_a_reason() {
         "--out",
         p(&out),
         "--calibration",
-        p(&missing),
+        p(&data),
     ]);
     assert!(
-        e.contains("tokenizer") || e.contains("missing.jsonl"),
+        e.contains("--calibration") && e.contains("no tokenizer"),
         "{e}"
     );
     assert!(!out.exists(), "nothing is written on a refusal");

@@ -93,7 +93,9 @@ fn calibrate(model: &mut LoadedModel, samples: &[Vec<u32>], a: &QuantizeArgs) ->
 
 /// Token ids of up to `--calibration-samples` sequences, spread evenly over the files.
 fn calibration_samples(model: &LoadedModel, a: &QuantizeArgs) -> Result<Vec<Vec<u32>>> {
-    let tok = model.tokenizer()?;
+    let tok = model
+        .tokenizer()
+        .context("--calibration: the data is tokenized with the model's tokenizer")?;
     let max_len = (a.calibration_max_len as usize).min(model.llama.max_context());
     let per_file = (a.calibration_samples as usize).div_ceil(a.calibration.len());
     let mut out = Vec::new();

@@ -33,7 +33,6 @@ const ROW_TILE: usize = 16;
 pub struct Hessian {
     n: usize,
     sum: Vec<f64>,
-    samples: usize,
 }
 
 impl Hessian {
@@ -42,18 +41,7 @@ impl Hessian {
         Self {
             n,
             sum: vec![0.0; n * n],
-            samples: 0,
         }
-    }
-
-    /// Input features.
-    pub fn dim(&self) -> usize {
-        self.n
-    }
-
-    /// Input rows added so far.
-    pub fn samples(&self) -> usize {
-        self.samples
     }
 
     /// The sum with rows and columns reordered: entry `(i, j)` is the old `(order[i], order[j])`.
@@ -65,17 +53,13 @@ impl Hessian {
                 sum[i * n + j] = self.sum[oi * n + oj];
             }
         }
-        Hessian {
-            n,
-            sum,
-            samples: self.samples,
-        }
+        Hessian { n, sum }
     }
 
     /// Adds the rows of `x` (`[rows, n]`, any float dtype).
     pub fn add(&mut self, x: &Tensor) -> Result<()> {
         let x = x.to_dtype(DType::F32)?;
-        let (rows, n) = x.dims2()?;
+        let (_, n) = x.dims2()?;
         if n != self.n {
             bail!(
                 "calibration: input has {n} features, the layer takes {}",
@@ -86,7 +70,6 @@ impl Hessian {
         for (s, v) in self.sum.iter_mut().zip(xtx) {
             *s += v as f64;
         }
-        self.samples += rows;
         Ok(())
     }
 }
