@@ -4,6 +4,7 @@
 //! for the map and for the path of one request through them.
 
 pub mod adapters;
+pub mod agreement;
 pub mod cli;
 pub mod engine;
 pub mod fetch;
