@@ -12,7 +12,8 @@
 //! Rounding order and scales (`GptqSettings`): by default columns go by decreasing input energy
 //! (`H_jj`, GPTQ's act-order) and each block's absmax is fixed before rounding — shrunk by up to
 //! 20% where that rounds the block with less input-weighted error, and double-quantized first when
-//! asked, so rounding sees the scales the file stores. In natural order a block's absmax is
+//! asked (each block's 8-bit scale re-picked among its neighbours on the 8-bit grid), so rounding
+//! sees the scales the file stores (`quant::scale_search`). In natural order a block's absmax is
 //! instead taken from its error-adjusted weights when the block is reached (GPTQ's group scales).
 //! On the default model act-order with searched scales is what brings held-out perplexity within
 //! ~1% of the dense model's (BENCHMARKS.md).
@@ -22,6 +23,7 @@
 //! result is `quantize_nf4`'s, bit for bit.
 
 use super::nf4::{quantize_nf4, quantize_nf4_value, Absmax, Nf4Packed, NF4_CODE};
+use super::scale_search::{refine_nested_scales, searched_scales};
 use anyhow::{bail, Result};
 use candle_core::{DType, Tensor};
 
@@ -155,11 +157,15 @@ pub fn gptq_nf4(
     let (mut absmax, fixed) = match s.act_order {
         true => {
             let mut plain = quantize_nf4(weight, rows, cols, bs)?;
+            let d: Vec<f32> = (0..cols).map(|j| h.sum[j * cols + j] as f32).collect();
             if s.search_scales {
-                plain.absmax = Absmax::F32(searched_scales(weight, cols, bs, h));
+                plain.absmax = Absmax::F32(searched_scales(weight, cols, bs, &d));
             }
             if s.double_quant {
                 plain.double_quantize();
+                if let (true, Absmax::Nested(n)) = (s.search_scales, &mut plain.absmax) {
+                    refine_nested_scales(n, weight, cols, bs, &d);
+                }
             }
             (plain.absmax_f32(), Some(plain.absmax))
         }
@@ -184,40 +190,6 @@ pub fn gptq_nf4(
         packed.double_quantize();
     }
     Ok(packed)
-}
-
-/// Per block, the shrunk absmax that rounds it with the least `Σ H_jj (w_j - q_j)²`.
-fn searched_scales(weight: &[f32], cols: usize, bs: usize, h: &Hessian) -> Vec<f32> {
-    use rayon::prelude::*;
-    let d: Vec<f32> = (0..cols).map(|j| h.sum[j * cols + j] as f32).collect();
-    weight
-        .par_chunks(bs)
-        .enumerate()
-        .map(|(b, block)| {
-            let c0 = (b * bs) % cols;
-            let m = block.iter().fold(0f32, |m, v| m.max(v.abs()));
-            let err = |s: f32| -> f32 {
-                let r = 1.0 / s;
-                block
-                    .iter()
-                    .zip(&d[c0..c0 + bs])
-                    .map(|(v, dj)| {
-                        let q = NF4_CODE[quantize_nf4_value(v * r) as usize] * s;
-                        dj * (v - q) * (v - q)
-                    })
-                    .sum()
-            };
-            let mut best = (err(m), m);
-            for k in 1..=10 {
-                let s = m * (1.0 - 0.02 * k as f32);
-                let e = err(s);
-                if e < best.0 {
-                    best = (e, s);
-                }
-            }
-            best.1
-        })
-        .collect()
 }
 
 /// The order columns are rounded in and where block scales come from.

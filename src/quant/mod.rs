@@ -8,6 +8,7 @@ pub mod decode;
 pub mod gptq;
 pub mod kernels;
 pub mod nf4;
+mod scale_search;
 #[cfg(target_arch = "x86_64")]
 mod simd;
 #[cfg(target_arch = "x86_64")]
