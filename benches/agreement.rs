@@ -11,33 +11,19 @@
 
 use anyhow::{Context, Result};
 use candle_core::{Device, Tensor};
-use loraplex::agreement::{agreement, chat_prompts, greedy_answers, Agreement};
+use loraplex::agreement::{agreement, chat_prompts, greedy_answers, Agreement, CHAT_PROMPTS};
 use loraplex::model::{self, LinearWeight, LoadedModel, Nf4Settings};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-/// The prompts of `tests/nf4_default_model.rs`.
-const PROMPTS: [&str; 10] = [
-    "What is the capital of France?",
-    "Give me three tips for sleeping better.",
-    "Explain what a contract is in one sentence.",
-    "Write a haiku about the sea.",
-    "What is 12 times 7?",
-    "Why is the sky blue?",
-    "Name two symptoms of the flu.",
-    "How do I reverse a list in Python?",
-    "What does a lawyer do?",
-    "Summarize the plot of Romeo and Juliet.",
-];
-
-/// Replaces every linear weight `w` by `change(w)`.
-fn changed(f: &dyn Fn(&[f32], usize) -> Vec<f32>) -> Result<LoadedModel> {
+/// The f32 model with every linear weight `w` (`cols` per row) replaced by `change(w, cols)`.
+fn changed(change: &dyn Fn(&[f32], usize) -> Vec<f32>) -> Result<LoadedModel> {
     let mut m = model::load(None)?;
     for block in &mut m.llama.blocks {
         for lin in &mut block.proj {
             let w = lin.dense_weight(&Device::Cpu)?;
             let (rows, cols) = w.dims2()?;
-            let v = f(&w.flatten_all()?.to_vec1::<f32>()?, cols);
+            let v = change(&w.flatten_all()?.to_vec1::<f32>()?, cols);
             lin.weight = LinearWeight::F32(Tensor::from_vec(v, (rows, cols), &Device::Cpu)?);
         }
     }
@@ -129,7 +115,7 @@ fn main() -> Result<()> {
         .and_then(|v| v.parse().ok())
         .unwrap_or(32);
     let base = model::load(None)?;
-    let prompts = chat_prompts(&base, &PROMPTS)?;
+    let prompts = chat_prompts(&base, &CHAT_PROMPTS)?;
     let reference = greedy_answers(&base, &prompts, tokens)?;
     let tmp = tempfile::tempdir()?;
 

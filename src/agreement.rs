@@ -12,6 +12,21 @@ use crate::model::{LoadedModel, LogitsMode, SeqInput};
 use crate::tokenize::ChatMessage;
 use anyhow::{bail, Result};
 
+/// Short chat requests of several kinds (facts, advice, legal, creative, arithmetic, science,
+/// medical, code, summary): the prompt set of the NF4 quality test and `benches/agreement.rs`.
+pub const CHAT_PROMPTS: [&str; 10] = [
+    "What is the capital of France?",
+    "Give me three tips for sleeping better.",
+    "Explain what a contract is in one sentence.",
+    "Write a haiku about the sea.",
+    "What is 12 times 7?",
+    "Why is the sky blue?",
+    "Name two symptoms of the flu.",
+    "How do I reverse a list in Python?",
+    "What does a lawyer do?",
+    "Summarize the plot of Romeo and Juliet.",
+];
+
 /// How a model's greedy answers compare with reference answers.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Agreement {

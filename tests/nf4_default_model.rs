@@ -5,7 +5,7 @@
 mod common;
 
 use common::*;
-use loraplex::agreement::{agreement, chat_prompts, greedy_answers};
+use loraplex::agreement::{agreement, chat_prompts, greedy_answers, CHAT_PROMPTS};
 use loraplex::model::{self, LoadedModel, Nf4Settings};
 use loraplex::train::eval::evaluate;
 use serde_json::Value;
@@ -19,22 +19,9 @@ fn load(nf4: Option<Nf4Settings>) -> LoadedModel {
     m
 }
 
-const PROMPTS: [&str; 10] = [
-    "What is the capital of France?",
-    "Give me three tips for sleeping better.",
-    "Explain what a contract is in one sentence.",
-    "Write a haiku about the sea.",
-    "What is 12 times 7?",
-    "Why is the sky blue?",
-    "Name two symptoms of the flu.",
-    "How do I reverse a list in Python?",
-    "What does a lawyer do?",
-    "Summarize the plot of Romeo and Juliet.",
-];
-
 /// The prompts through the chat template and the f32 model's 32-token greedy answers to them.
 fn reference(f32_model: &LoadedModel) -> (Vec<Vec<u32>>, Vec<Vec<u32>>) {
-    let prompts = chat_prompts(f32_model, &PROMPTS).unwrap();
+    let prompts = chat_prompts(f32_model, &CHAT_PROMPTS).unwrap();
     let answers = greedy_answers(f32_model, &prompts, 32).unwrap();
     (prompts, answers)
 }

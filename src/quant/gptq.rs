@@ -88,7 +88,8 @@ pub struct GptqSettings {
     pub act_order: bool,
     /// With `act_order`: each block's scale is the one of `absmax · {1, 0.98, .., 0.8}` that
     /// rounds the block with the least input-weighted error (`Σ H_jj (w_j - q_j)²`); values
-    /// beyond it take the end codes. Still plain bitsandbytes NF4 to whoever loads it.
+    /// beyond it take the end codes; with `double_quant`, the stored 8-bit scale is re-picked
+    /// the same way among its neighbours. Still plain bitsandbytes NF4 to whoever loads it.
     pub search_scales: bool,
     /// QLoRA's double quantization of the block scales (with `act_order` applied before rounding,
     /// so rounding uses the scales that are stored; otherwise after).
@@ -363,19 +364,8 @@ fn invert_lower(l: &[f64], n: usize) -> Vec<f64> {
 mod tests {
     use super::*;
     use crate::quant::nf4::quantize_nf4_double;
+    use crate::quant::test_noise as noise;
     use candle_core::Device;
-
-    fn noise(n: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed;
-        (0..n)
-            .map(|_| {
-                s = s
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                ((s >> 40) as f32 / (1u64 << 24) as f32) - 0.5
-            })
-            .collect()
-    }
 
     /// `(UᵀU)[k][j]`.
     fn utu(u: &[f32], n: usize, k: usize, j: usize) -> f64 {

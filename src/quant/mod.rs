@@ -22,3 +22,17 @@ pub use nf4::{
     dynamic_map, quantize_nf4, quantize_nf4_double, Absmax, NestedAbsmax, Nf4Packed,
     DEFAULT_BLOCKSIZE, NESTED_BLOCKSIZE, NF4_CODE,
 };
+
+/// Deterministic uniform values in [-0.5, 0.5) for the quantizers' unit tests.
+#[cfg(test)]
+pub(crate) fn test_noise(n: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed;
+    (0..n)
+        .map(|_| {
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((s >> 40) as f32 / (1u64 << 24) as f32) - 0.5
+        })
+        .collect()
+}

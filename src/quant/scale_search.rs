@@ -102,18 +102,7 @@ pub(super) fn refine_nested_scales(
 mod tests {
     use super::*;
     use crate::quant::nf4::{quantize_nf4, Absmax};
-
-    fn noise(n: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed;
-        (0..n)
-            .map(|_| {
-                s = s
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                ((s >> 40) as f32 / (1u64 << 24) as f32) - 0.5
-            })
-            .collect()
-    }
+    use crate::quant::test_noise as noise;
 
     /// Total input-weighted error of `w` rounded at per-block `scales`.
     fn total_error(w: &[f32], d: &[f32], cols: usize, scales: &[f32]) -> f64 {
