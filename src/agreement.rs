@@ -11,6 +11,7 @@ use crate::generate::{generate, GenerationParams};
 use crate::model::{LoadedModel, LogitsMode, SeqInput};
 use crate::tokenize::ChatMessage;
 use anyhow::{bail, Result};
+use candle_core::D;
 
 /// Short chat requests of several kinds (facts, advice, legal, creative, arithmetic, science,
 /// medical, code, summary): the prompt set of the NF4 quality test and `benches/agreement.rs`.
@@ -88,11 +89,12 @@ pub fn forced_choices(m: &LoadedModel, prompt: &[u32], answer: &[u32]) -> Result
         cache: &mut cache,
         lora: None,
     }];
-    let logits: Vec<Vec<f32>> = m.llama.forward(&mut seqs, LogitsMode::All)?.to_vec2()?;
-    Ok(logits[prompt.len() - 1..]
-        .iter()
-        .map(|r| argmax(r))
-        .collect())
+    let choices: Vec<u32> = m
+        .llama
+        .forward(&mut seqs, LogitsMode::All)?
+        .argmax(D::Minus1)?
+        .to_vec1()?;
+    Ok(choices[prompt.len() - 1..].to_vec())
 }
 
 /// Compares `m`'s greedy answers to `prompts` with `reference` (another model's greedy answers
@@ -148,16 +150,6 @@ pub fn share_equal(a: &[Vec<u32>], b: &[Vec<u32>]) -> f64 {
     same as f64 / total as f64
 }
 
-fn argmax(v: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, x) in v.iter().enumerate() {
-        if *x > v[best] {
-            best = i;
-        }
-    }
-    best as u32
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -168,10 +160,5 @@ mod tests {
         let b = vec![vec![1, 9, 3, 4], vec![0, 6]];
         assert_eq!(share_equal(&a, &b), 4.0 / 6.0);
         assert_eq!(share_equal(&[], &[]), 0.0);
-    }
-
-    #[test]
-    fn argmax_takes_the_first_maximum() {
-        assert_eq!(argmax(&[0.0, 2.0, 2.0, -1.0]), 1);
     }
 }
