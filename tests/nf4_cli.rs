@@ -341,29 +341,24 @@ fn bad_nf4_input_is_refused_with_a_reason() {
 
     // Calibration: a bad dampening; a model without a tokenizer (calibration text needs one).
     let out = dir.path().join("never");
-    let e = run_err(&[
-        "quantize",
-        "--model",
-        p(&model),
-        "--out",
-        p(&out),
-        "--calibration",
-        "x.jsonl",
-        "--damp",
-        "0",
-    ]);
+    let calibrate = |data: &str, extra: &[&str]| {
+        let mut args = vec![
+            "quantize",
+            "--model",
+            p(&model),
+            "--out",
+            p(&out),
+            "--calibration",
+            data,
+        ];
+        args.extend_from_slice(extra);
+        run_err(&args)
+    };
+    let e = calibrate("x.jsonl", &["--damp", "0"]);
     assert!(e.contains("--damp"), "{e}");
     let data = dir.path().join("calibration.jsonl");
     std::fs::write(&data, "{\"instruction\": \"hi\", \"output\": \"hello\"}\n").unwrap();
-    let e = run_err(&[
-        "quantize",
-        "--model",
-        p(&model),
-        "--out",
-        p(&out),
-        "--calibration",
-        p(&data),
-    ]);
+    let e = calibrate(p(&data), &[]);
     assert!(
         e.contains("--calibration") && e.contains("no tokenizer"),
         "{e}"
