@@ -24,7 +24,7 @@ fn changed(change: &dyn Fn(&[f32], usize) -> Vec<f32>) -> Result<LoadedModel> {
             let w = lin.dense_weight(&Device::Cpu)?;
             let (rows, cols) = w.dims2()?;
             let v = change(&w.flatten_all()?.to_vec1::<f32>()?, cols);
-            lin.weight = LinearWeight::F32(Tensor::from_vec(v, (rows, cols), &Device::Cpu)?);
+            lin.weight = LinearWeight::Dense(Tensor::from_vec(v, (rows, cols), &Device::Cpu)?);
         }
     }
     Ok(m)

@@ -1,5 +1,5 @@
 //! Aggregate decode throughput of continuous batching on the default model: N sequences decoding
-//! together each step (in forward calls of at most `fast::MAX_ROWS` rows, as the scheduler does),
+//! together each step (in forward calls of at most `loraplex::runtime::cpu::fast::MAX_ROWS` rows, as the scheduler does),
 //! all on the base, or spread over 4 different adapters (r=16, all seven linear modules) — the
 //! multi-adapter case llama.cpp cannot batch — on the f32 base and on the NF4 (double-quantized)
 //! base.
@@ -10,7 +10,8 @@
 use anyhow::Result;
 use loraplex::lora::synthetic::write_synthetic_adapter;
 use loraplex::lora::{LoraAdapter, LoraStack};
-use loraplex::model::{self, fast, LoadedModel, LogitsMode, Nf4Settings, Proj, SeqInput};
+use loraplex::model::{self, LoadedModel, Nf4Settings, Proj};
+use loraplex::runtime::{LogitsMode, SeqInput};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -27,7 +28,7 @@ fn throughput(m: &LoadedModel, stacks: &[Option<Arc<LoraStack>>], steps: usize) 
             cache: c,
             lora: stacks[i].clone(),
         }];
-        let l = m.llama.forward(&mut s, LogitsMode::Last)?;
+        let l = loraplex::runtime::forward(&m.llama, &mut s, LogitsMode::Last)?;
         next[i] = l.argmax(1)?.to_vec1::<u32>()?[0];
     }
     let t0 = Instant::now();
@@ -43,10 +44,10 @@ fn throughput(m: &LoadedModel, stacks: &[Option<Arc<LoraStack>>], steps: usize) 
                 lora: lora.clone(),
             })
             .collect();
-        // As the scheduler does: decode rows in calls of at most `fast::MAX_ROWS`.
+        // As the scheduler does: decode rows in calls of at most `loraplex::runtime::cpu::fast::MAX_ROWS`.
         next.clear();
-        for chunk in seqs.chunks_mut(fast::MAX_ROWS) {
-            let l = m.llama.forward(chunk, LogitsMode::Last)?;
+        for chunk in seqs.chunks_mut(loraplex::runtime::cpu::fast::MAX_ROWS) {
+            let l = loraplex::runtime::forward(&m.llama, chunk, LogitsMode::Last)?;
             next.extend(l.argmax(1)?.to_vec1::<u32>()?);
         }
     }

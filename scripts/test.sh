@@ -24,3 +24,13 @@ fi
 
 step "cargo test --release"
 cargo test --release
+
+# The GPU path compiles on every run, so it cannot rot on machines without a GPU: the CUDA 13.0
+# toolkit from PyPI wheels (scripts/cuda-toolkit.sh), then clippy over everything with the cuda
+# feature (candle's CUDA kernels are compiled by nvcc the first time: ~14 min on 2 cores; the
+# project's own kernels in src/runtime/cuda/kernels/ too). Its target dir is kept apart.
+step "cargo clippy --release --features cuda --all-targets -- -D warnings (CUDA toolkit from PyPI)"
+scripts/cuda-toolkit.sh
+# shellcheck disable=SC1090
+source <(scripts/cuda-toolkit.sh --env)
+CARGO_TARGET_DIR=target-cuda cargo clippy --release --features cuda --all-targets -- -D warnings

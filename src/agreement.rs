@@ -8,7 +8,8 @@
 //! length of the common prefix (how far the answers go before they part).
 
 use crate::generate::{generate, GenerationParams};
-use crate::model::{LoadedModel, LogitsMode, SeqInput};
+use crate::model::LoadedModel;
+use crate::runtime::{LogitsMode, SeqInput};
 use crate::tokenize::ChatMessage;
 use anyhow::{bail, Result};
 use candle_core::D;
@@ -89,9 +90,7 @@ pub fn forced_choices(m: &LoadedModel, prompt: &[u32], answer: &[u32]) -> Result
         cache: &mut cache,
         lora: None,
     }];
-    let choices: Vec<u32> = m
-        .llama
-        .forward(&mut seqs, LogitsMode::All)?
+    let choices: Vec<u32> = crate::runtime::forward(&m.llama, &mut seqs, LogitsMode::All)?
         .argmax(D::Minus1)?
         .to_vec1()?;
     Ok(choices[prompt.len() - 1..].to_vec())

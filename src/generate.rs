@@ -5,7 +5,8 @@
 //! server's batched engine.
 
 use crate::lora::LoraStack;
-use crate::model::{LoadedModel, LogitsMode, SeqInput};
+use crate::model::LoadedModel;
+use crate::runtime::{LogitsMode, SeqInput};
 use crate::sampling::{logprobs, Sampler, SamplingParams, TokenLogprob};
 use crate::tokenize::{StreamDecoder, TextTokenizer};
 use anyhow::{bail, Result};
@@ -240,7 +241,11 @@ pub fn generate(
             cache: &mut cache,
             lora: lora.clone(),
         }];
-        logits = Some(model.llama.forward(&mut seqs, LogitsMode::Last)?);
+        logits = Some(crate::runtime::forward(
+            &model.llama,
+            &mut seqs,
+            LogitsMode::Last,
+        )?);
     }
     let prefill_seconds = t0.elapsed().as_secs_f64();
     let t1 = std::time::Instant::now();
@@ -274,9 +279,6 @@ pub fn generate(
             cache: &mut cache,
             lora: lora.clone(),
         }];
-        row = model
-            .llama
-            .forward(&mut seqs, LogitsMode::Last)?
-            .squeeze(0)?;
+        row = crate::runtime::forward(&model.llama, &mut seqs, LogitsMode::Last)?.squeeze(0)?;
     }
 }

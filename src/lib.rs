@@ -5,6 +5,8 @@
 
 pub mod adapters;
 pub mod agreement;
+pub mod bench;
+pub mod calibrate;
 pub mod cli;
 pub mod engine;
 pub mod fetch;
@@ -12,6 +14,7 @@ pub mod generate;
 pub mod lora;
 pub mod model;
 pub mod quant;
+pub mod runtime;
 pub mod sampling;
 pub mod server;
 pub mod tokenize;

@@ -299,3 +299,88 @@ fn bad_inputs_are_clear_errors() {
     ]);
     assert!(err.contains("max_tokens"), "{err}");
 }
+
+#[test]
+fn bench_runs_every_case_on_a_dummy_model_and_refuses_bad_workloads() {
+    let rows = run_json(&[
+        "bench",
+        "--model",
+        "dummy:tiny",
+        "--streams",
+        "1,4",
+        "--adapters",
+        "none,shared,distinct",
+        "--rank",
+        "4",
+        "--targets",
+        "q_proj,v_proj",
+        "--prompt-len",
+        "8",
+        "--new-tokens",
+        "6",
+        "--warmup-steps",
+        "1",
+        "--warmup-secs",
+        "0",
+        "--json",
+    ]);
+    let rows = rows.as_array().unwrap();
+    assert_eq!(rows.len(), 6, "{rows:?}");
+    let adapters: Vec<u64> = rows
+        .iter()
+        .map(|r| r["adapters"].as_u64().unwrap())
+        .collect();
+    assert_eq!(adapters, [0, 1, 1, 0, 1, 4]);
+    for r in rows {
+        assert!(r["decode_tok_s"].as_f64().unwrap() > 0.0, "{r}");
+        assert!(r["prefill_tok_s"].as_f64().unwrap() > 0.0, "{r}");
+        let ratio = r["vs_base"].as_f64().unwrap();
+        match r["case"].as_str().unwrap() {
+            "none" => assert_eq!(ratio, 1.0),
+            _ => assert!(ratio > 0.0, "{r}"),
+        }
+        // No GPU: no device memory figure.
+        assert!(r["device_mem_used_bytes"].is_null(), "{r}");
+    }
+    // The table form names every case.
+    let out = run(&[
+        "bench",
+        "--model",
+        "dummy:tiny",
+        "--streams",
+        "2",
+        "--adapters",
+        "distinct",
+        "--prompt-len",
+        "4",
+        "--new-tokens",
+        "4",
+        "--warmup-steps",
+        "0",
+        "--warmup-secs",
+        "0",
+    ]);
+    assert!(out.status.success());
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(table.contains("| 2 | 2 distinct | 16 |"), "{table}");
+    for (args, needle) in [
+        (vec!["--targets", "lm_head"], "unknown target module"),
+        (
+            vec!["--new-tokens", "3", "--warmup-steps", "5"],
+            "more than warmup_steps",
+        ),
+        (
+            vec!["--prompt-len", "250", "--new-tokens", "100"],
+            "exceeds the model's context",
+        ),
+        (vec!["--device", "cuda"], "--features cuda"),
+        (vec!["--dtype", "bf16"], "needs a GPU"),
+    ] {
+        let mut a = vec!["bench", "--model", "dummy:tiny", "--warmup-secs", "0"];
+        a.extend(args);
+        let err = run_err(&a);
+        assert!(err.contains(needle), "{a:?}: {err}");
+    }
+    let err = run_err(&["bench", "--model", "dummy:llama-9"]);
+    assert!(err.contains("unknown dummy model"), "{err}");
+}

@@ -6,7 +6,8 @@ mod common;
 use candle_core::Device;
 use common::*;
 use loraplex::lora::{LoraAdapter, LoraStack};
-use loraplex::model::{self, Kernels, KvCache, LoadedModel, LogitsMode, SeqInput};
+use loraplex::model::{self, KvCache, LoadedModel};
+use loraplex::runtime::{Kernels, LogitsMode, SeqInput};
 use std::sync::Arc;
 
 fn stack(m: &LoadedModel, names: &[(&str, f64)]) -> Arc<LoraStack> {
@@ -38,8 +39,7 @@ fn compare(m: &LoadedModel, steps: &[Vec<Vec<u32>>], loras: &[Option<Arc<LoraSta
                         lora: lora.clone(),
                     })
                     .collect();
-                m.llama
-                    .forward_with(&mut seqs, LogitsMode::All, kernels)
+                loraplex::runtime::forward_with(&m.llama, &mut seqs, LogitsMode::All, kernels)
                     .unwrap()
                     .to_vec2()
                     .unwrap()
@@ -102,14 +102,14 @@ fn fast_path_checks_context_like_candle() {
         cache: &mut cache,
         lora: None,
     }];
-    m.llama.forward(&mut seqs, LogitsMode::Last).unwrap();
+    loraplex::runtime::forward(&m.llama, &mut seqs, LogitsMode::Last).unwrap();
     let two = [5u32, 6];
     let mut seqs = [SeqInput {
         tokens: &two,
         cache: &mut cache,
         lora: None,
     }];
-    assert!(m.llama.forward(&mut seqs, LogitsMode::Last).is_err());
+    assert!(loraplex::runtime::forward(&m.llama, &mut seqs, LogitsMode::Last).is_err());
     assert_eq!(cache.len(), max - 1, "no cache advances on error");
     let one = [5u32];
     let mut seqs = [SeqInput {
@@ -117,6 +117,6 @@ fn fast_path_checks_context_like_candle() {
         cache: &mut cache,
         lora: None,
     }];
-    m.llama.forward(&mut seqs, LogitsMode::Last).unwrap();
+    loraplex::runtime::forward(&m.llama, &mut seqs, LogitsMode::Last).unwrap();
     assert_eq!(cache.len(), max);
 }

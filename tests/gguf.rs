@@ -6,7 +6,8 @@ mod common;
 use candle_core::Device;
 use common::*;
 use loraplex::lora::{LoraAdapter, LoraStack};
-use loraplex::model::{self, LoadedModel, LogitsMode, SeqInput};
+use loraplex::model::{self, LoadedModel};
+use loraplex::runtime::{LogitsMode, SeqInput};
 use std::sync::Arc;
 
 fn last_logits(m: &LoadedModel, prompt: &[u32], lora: Option<Arc<LoraStack>>) -> Vec<f32> {
@@ -16,9 +17,7 @@ fn last_logits(m: &LoadedModel, prompt: &[u32], lora: Option<Arc<LoraStack>>) ->
         cache: &mut cache,
         lora,
     }];
-    let l: Vec<Vec<f32>> = m
-        .llama
-        .forward(&mut seqs, LogitsMode::Last)
+    let l: Vec<Vec<f32>> = loraplex::runtime::forward(&m.llama, &mut seqs, LogitsMode::Last)
         .unwrap()
         .to_vec2()
         .unwrap();

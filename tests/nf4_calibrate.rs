@@ -7,9 +7,10 @@ mod common;
 
 use candle_core::{Device, Tensor};
 use common::*;
-use loraplex::model::calibrate::{quantize_calibrated, CalibrationSettings};
-use loraplex::model::{self, LoadedModel, LogitsMode, Nf4Settings, Proj, SeqInput};
+use loraplex::calibrate::{quantize_calibrated, CalibrationSettings};
+use loraplex::model::{self, LoadedModel, Nf4Settings, Proj};
 use loraplex::quant::GptqSettings;
+use loraplex::runtime::{LogitsMode, SeqInput};
 
 fn load() -> LoadedModel {
     model::load_path(&tiny_model(), &Device::Cpu).unwrap()
@@ -43,8 +44,7 @@ fn logits(m: &LoadedModel, seqs: &[Vec<u32>]) -> Vec<f32> {
                 cache: &mut cache,
                 lora: None,
             }];
-            m.llama
-                .forward(&mut s, LogitsMode::All)
+            loraplex::runtime::forward(&m.llama, &mut s, LogitsMode::All)
                 .unwrap()
                 .flatten_all()
                 .unwrap()
@@ -136,13 +136,11 @@ fn a_block_run_alone_equals_the_full_forward_and_shows_its_inputs() {
             cache: &mut cache,
             lora: None,
         }];
-        x = m
-            .llama
-            .block_forward(l, &x, &mut s, &mut |p, t| {
-                groups.push((l, p, t.dims().to_vec()));
-                Ok(())
-            })
-            .unwrap();
+        x = loraplex::runtime::block_forward(&m.llama, l, &x, &mut s, &mut |p, t| {
+            groups.push((l, p, t.dims().to_vec()));
+            Ok(())
+        })
+        .unwrap();
     }
     let (h, i) = (m.llama.cfg.hidden_size, m.llama.cfg.intermediate_size);
     let n = ids.len();
@@ -179,10 +177,9 @@ fn a_block_run_alone_equals_the_full_forward_and_shows_its_inputs() {
         cache: &mut cache,
         lora: None,
     }];
-    assert!(m
-        .llama
-        .block_forward(99, &x, &mut s, &mut |_, _| Ok(()))
-        .is_err());
+    assert!(
+        loraplex::runtime::block_forward(&m.llama, 99, &x, &mut s, &mut |_, _| Ok(())).is_err()
+    );
 }
 
 #[test]

@@ -9,9 +9,8 @@ mod common;
 use candle_core::{DType, Device, Tensor};
 use common::*;
 use loraplex::lora::{LoraAdapter, LoraStack};
-use loraplex::model::{
-    self, Kernels, LinearWeight, LoadedModel, LogitsMode, Nf4Settings, SeqInput,
-};
+use loraplex::model::{self, LinearWeight, LoadedModel, Nf4Settings};
+use loraplex::runtime::{Kernels, LogitsMode, SeqInput};
 use loraplex::train::forward::{hidden_states, TrainBase};
 use loraplex::train::params::{LoraParams, LoraShape};
 use std::sync::Arc;
@@ -32,7 +31,7 @@ fn dequantized_copy(q: &LoadedModel) -> LoadedModel {
     for (bd, bq) in d.llama.blocks.iter_mut().zip(&q.llama.blocks) {
         for (ld, lq) in bd.proj.iter_mut().zip(&bq.proj) {
             assert!(lq.nf4().is_some(), "every projection is quantized");
-            ld.weight = LinearWeight::F32(lq.dense_weight(&Device::Cpu).unwrap());
+            ld.weight = LinearWeight::Dense(lq.dense_weight(&Device::Cpu).unwrap());
         }
     }
     d
@@ -57,24 +56,22 @@ fn run(
         cache: &mut cache,
         lora: lora.clone(),
     }];
-    let mut rows: Vec<Vec<f32>> = m
-        .llama
-        .forward_with(&mut seqs, LogitsMode::All, kernels)
-        .unwrap()
-        .to_vec2()
-        .unwrap();
+    let mut rows: Vec<Vec<f32>> =
+        loraplex::runtime::forward_with(&m.llama, &mut seqs, LogitsMode::All, kernels)
+            .unwrap()
+            .to_vec2()
+            .unwrap();
     for t in feed {
         let mut seqs = [SeqInput {
             tokens: std::slice::from_ref(t),
             cache: &mut cache,
             lora: lora.clone(),
         }];
-        let l: Vec<Vec<f32>> = m
-            .llama
-            .forward_with(&mut seqs, LogitsMode::Last, kernels)
-            .unwrap()
-            .to_vec2()
-            .unwrap();
+        let l: Vec<Vec<f32>> =
+            loraplex::runtime::forward_with(&m.llama, &mut seqs, LogitsMode::Last, kernels)
+                .unwrap()
+                .to_vec2()
+                .unwrap();
         rows.extend(l);
     }
     rows
@@ -155,9 +152,7 @@ fn unmerged_adapters_and_stacks_apply_on_the_nf4_base() {
             lora: lora.clone(),
         })
         .collect();
-    let batch: Vec<Vec<f32>> = q
-        .llama
-        .forward(&mut seqs, LogitsMode::Last)
+    let batch: Vec<Vec<f32>> = loraplex::runtime::forward(&q.llama, &mut seqs, LogitsMode::Last)
         .unwrap()
         .to_vec2()
         .unwrap();

@@ -184,6 +184,47 @@ fn official_openai_client_against_the_tiny_model() {
 }
 
 #[test]
+fn sixteen_adapters_a_stack_and_the_base_under_concurrent_load_equal_alone() {
+    let f = fixture();
+    let names = many_adapters(&f.adapters, 16);
+    let server = f.serve(&["--max-batch-size", "32"]);
+    let seen = server.run_python("openai_concurrent.py", &[BASE, &names.join(","), "32"]);
+    assert_eq!(seen["equal"], true, "{seen}");
+    assert_eq!(seen["requests"], 32, "{seen}");
+}
+
+#[test]
+fn kv_budget_makes_requests_wait_and_refuses_one_that_can_never_fit() {
+    let f = fixture();
+    // The tiny model's KV takes 512 bytes a position: ~2 of these requests fit at once.
+    let server = f.serve(&["--kv-cache-bytes", "60000"]);
+    let names = ["all-r8".to_string(), "attn-r4".to_string()];
+    let seen = server.run_python("openai_concurrent.py", &[BASE, &names.join(","), "8"]);
+    assert_eq!(seen["equal"], true, "{seen}");
+    let chat = |max_tokens: u32| {
+        let b = json!({"model": BASE, "messages": [{"role": "user", "content": "hi"}],
+            "max_tokens": max_tokens, "ignore_eos": true});
+        server.post("/v1/chat/completions", &b)
+    };
+    let refused = chat(150);
+    assert_error(
+        &refused,
+        400,
+        "prompt + max_tokens over the whole KV budget",
+    );
+    assert!(
+        refused.1["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("KV budget"),
+        "{}",
+        refused.1
+    );
+    assert_eq!(chat(8).0, 200);
+    assert!(server.metric("loraplex_device_memory_bytes{kind=\"weights\"}") > 0.0);
+}
+
+#[test]
 fn bad_input_gets_openai_errors_and_the_server_keeps_serving() {
     let f = fixture();
     // A folder whose tensors do not fit the base (picked up at start-up, used by name below).

@@ -162,13 +162,14 @@ fn only_response_tokens_carry_loss() {
     let mut want = 0.0f32;
     for (prefix, tok) in [(&s[..3], 42u32), (&s[..4], 43), (&s[..3], 42)] {
         let mut cache = m.llama.new_cache();
-        let mut seqs = [model::SeqInput {
+        let mut seqs = [loraplex::runtime::SeqInput {
             tokens: prefix,
             cache: &mut cache,
             lora: None,
         }];
         let lp = loraplex::model::llama::log_softmax(
-            &m.llama.forward(&mut seqs, model::LogitsMode::Last).unwrap(),
+            &loraplex::runtime::forward(&m.llama, &mut seqs, loraplex::runtime::LogitsMode::Last)
+                .unwrap(),
         )
         .unwrap();
         let v: Vec<Vec<f32>> = lp.to_vec2().unwrap();

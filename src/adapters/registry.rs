@@ -2,7 +2,7 @@
 
 use super::valid_name;
 use crate::lora::{LoraAdapter, LoraStack};
-use crate::model::LlamaConfig;
+use crate::model::{LlamaConfig, Placement};
 use moka::future::Cache;
 use moka::notification::RemovalCause;
 use prometheus::{Histogram, HistogramOpts, IntCounter, IntGauge, Registry};
@@ -19,6 +19,16 @@ pub struct CachedAdapter {
     /// The adapter alone at weight 1; shared by all requests for it so they batch as one group.
     pub stack: Arc<LoraStack>,
     pub version: u64,
+}
+
+impl CachedAdapter {
+    /// Bytes of device memory the adapter holds (its stack on a GPU; 0 on the CPU).
+    pub fn device_bytes(&self) -> usize {
+        match self.stack.on_cpu() {
+            true => 0,
+            false => self.stack.bytes(),
+        }
+    }
 }
 
 /// Why an adapter could not be served.
@@ -114,6 +124,8 @@ pub struct AdapterRegistry {
     dir: PathBuf,
     allow_outside: bool,
     base: LlamaConfig,
+    /// Where the base's weights live: cached stacks are built there.
+    placement: Placement,
     records: RwLock<BTreeMap<String, Record>>,
     cache: Cache<(String, u64), Arc<CachedAdapter>>,
     alive: Mutex<HashMap<(String, u64), Weak<CachedAdapter>>>,
@@ -128,8 +140,10 @@ fn now_secs() -> u64 {
         .unwrap_or(0)
 }
 
+/// What one cached adapter weighs against the byte cap: its host tensors, plus its stack's copy
+/// when that lives on a GPU (device memory is what the cap protects there).
 fn cached_bytes(c: &CachedAdapter) -> u32 {
-    u32::try_from(c.adapter.bytes()).unwrap_or(u32::MAX)
+    u32::try_from(c.adapter.bytes() + c.device_bytes()).unwrap_or(u32::MAX)
 }
 
 impl AdapterRegistry {
@@ -138,6 +152,7 @@ impl AdapterRegistry {
         dir: PathBuf,
         allow_outside: bool,
         base: LlamaConfig,
+        placement: Placement,
         cache_bytes: u64,
         metrics: Arc<AdapterMetrics>,
     ) -> anyhow::Result<Self> {
@@ -159,6 +174,7 @@ impl AdapterRegistry {
             dir,
             allow_outside,
             base,
+            placement,
             records: RwLock::new(BTreeMap::new()),
             cache,
             alive: Mutex::new(HashMap::new()),
@@ -322,11 +338,16 @@ impl AdapterRegistry {
         version: u64,
     ) -> Result<Arc<CachedAdapter>, AdapterError> {
         let base = self.base.clone();
+        let at = self.placement.clone();
         let n = name.to_string();
         let t0 = Instant::now();
         let res = tokio::task::spawn_blocking(move || -> anyhow::Result<CachedAdapter> {
             let adapter = Arc::new(LoraAdapter::load(&n, &dir, &base)?);
-            let stack = Arc::new(LoraStack::single(adapter.clone(), base.num_hidden_layers)?);
+            let stack = Arc::new(LoraStack::new_on(
+                vec![(adapter.clone(), 1.0)],
+                base.num_hidden_layers,
+                &at,
+            )?);
             Ok(CachedAdapter {
                 adapter,
                 stack,
@@ -432,6 +453,18 @@ impl AdapterRegistry {
     }
 
     /// Every registered adapter, by name.
+    /// Bytes the cached adapters hold on the base's device: their stacks' copies on a GPU, their
+    /// host tensors on the CPU.
+    pub fn bytes_on_device(&self) -> usize {
+        self.cache
+            .iter()
+            .map(|(_, c)| match c.stack.on_cpu() {
+                true => c.adapter.bytes(),
+                false => c.stack.bytes(),
+            })
+            .sum()
+    }
+
     pub async fn list(&self) -> Vec<AdapterSummary> {
         self.cache.run_pending_tasks().await;
         self.metrics.bytes.set(self.cache.weighted_size() as i64);

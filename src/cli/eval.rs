@@ -1,7 +1,8 @@
 //! `loraplex eval`: base vs adapter on a held-out set.
 
-use super::{load_stack, ModelArgs};
+use super::ModelArgs;
 use crate::lora::AdapterSpec;
+use crate::lora::LoraStack;
 use crate::train::eval::{evaluate, EvalReport};
 use anyhow::{Context, Result};
 use std::path::PathBuf;
@@ -63,7 +64,7 @@ pub fn run(a: EvalArgs) -> Result<()> {
             a.limit,
         )?);
     }
-    if let Some(stack) = load_stack(&model, &a.adapters)? {
+    if let Some(stack) = LoraStack::load(&model.llama, &a.adapters)? {
         let label = stack.label();
         reports.push(evaluate(
             &model,

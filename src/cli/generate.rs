@@ -1,8 +1,9 @@
 //! `loraplex generate`: one prompt through the base and optional stacked adapters.
 
-use super::{load_stack, ModelArgs};
+use super::ModelArgs;
 use crate::generate::{generate, GenerationParams};
 use crate::lora::AdapterSpec;
+use crate::lora::LoraStack;
 use crate::sampling::SamplingParams;
 use crate::tokenize::ChatMessage;
 use anyhow::{bail, Context, Result};
@@ -60,7 +61,7 @@ pub struct GenerateArgs {
 
 pub fn run(a: GenerateArgs) -> Result<()> {
     let model = a.model.load()?;
-    let stack = load_stack(&model, &a.adapters)?;
+    let stack = LoraStack::load(&model.llama, &a.adapters)?;
     let prompt_ids = if let Some(ids) = &a.prompt_ids {
         ids.clone()
     } else if let Some(text) = &a.prompt {

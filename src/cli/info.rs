@@ -45,6 +45,14 @@ pub fn run(a: InfoArgs) -> Result<()> {
     for s in &a.adapters {
         adapters.push(adapter_json(&LoraAdapter::load(&s.name()?, &s.dir, c)?));
     }
+    let device = crate::runtime::device::describe(m.llama.device());
+    let weight_bytes: usize = m.llama.bytes_by_dtype().iter().map(|(_, b)| b).sum();
+    let memory = crate::runtime::device::memory_info(m.llama.device())?;
+    let device_memory = json!({
+        "weights": weight_bytes,
+        "free": memory.map(|(f, _)| f),
+        "total": memory.map(|(_, t)| t),
+    });
     let v = json!({
         "model": m.id,
         "path": m.path,
@@ -69,6 +77,9 @@ pub fn run(a: InfoArgs) -> Result<()> {
         "linear_weight_bytes_as_f16": linear.f16,
         "eos_ids": m.eos_ids,
         "has_tokenizer": m.tokenizer.is_some(),
+        "device": device,
+        "dtype": format!("{:?}", m.llama.dtype()).to_lowercase(),
+        "device_memory": device_memory,
         "adapters": adapters,
     });
     if a.json {
@@ -100,6 +111,16 @@ pub fn run(a: InfoArgs) -> Result<()> {
         m.llama.max_context()
     );
     println!("parameters   {}", m.llama.num_params());
+    let gib = |b: usize| b as f64 / (1u64 << 30) as f64;
+    println!(
+        "device       {device} ({}), weights {:.2} GiB{}",
+        v["dtype"].as_str().unwrap_or(""),
+        gib(weight_bytes),
+        match memory {
+            Some((free, total)) => format!(", {:.1} of {:.1} GiB free", gib(free), gib(total)),
+            None => String::new(),
+        }
+    );
     for (d, b) in m.llama.bytes_by_dtype() {
         println!("bytes        {d}: {b} ({:.1} MiB)", b as f64 / 1048576.0);
     }

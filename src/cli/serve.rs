@@ -1,6 +1,7 @@
 //! `loraplex serve`: flags on top of the TOML config, then the server.
 
 use crate::model::Quantize;
+use crate::runtime::{DeviceSpec, DtypeSpec};
 use crate::server::{serve, ServeConfig};
 use anyhow::{Context, Result};
 use std::path::PathBuf;
@@ -19,6 +20,17 @@ pub struct ServeArgs {
     /// With --quantize nf4: store the block scales in 8 bits too (double quantization).
     #[arg(long)]
     pub double_quant: bool,
+    /// Where the base lives: auto, cpu, cuda or cuda:N. Default: auto (the GPU when built with
+    /// `--features cuda` and one is visible, else the CPU)
+    #[arg(long, env = "LORAPLEX_DEVICE")]
+    pub device: Option<DeviceSpec>,
+    /// Dtype of weights, activations and KV cache. Default: auto (bf16 on a GPU, f32 on the CPU)
+    #[arg(long, value_enum)]
+    pub dtype: Option<DtypeSpec>,
+    /// Byte budget of all running KV caches; requests wait while it is full. Default: 90% of
+    /// free GPU memory after loading on a GPU, unlimited on the CPU
+    #[arg(long)]
+    pub kv_cache_bytes: Option<u64>,
     /// Folder of PEFT adapters (each subfolder is one, named by the folder). Default: adapters
     #[arg(long)]
     pub adapters_dir: Option<PathBuf>,
@@ -75,8 +87,13 @@ impl ServeArgs {
             max_batch_size,
             max_waiting,
             prefill_chunk,
-            quantize
+            quantize,
+            device,
+            dtype
         );
+        if self.kv_cache_bytes.is_some() {
+            c.kv_cache_bytes = self.kv_cache_bytes;
+        }
         c.double_quant |= self.double_quant;
         if self.model.is_some() {
             c.model = self.model.clone();

@@ -1,6 +1,7 @@
 //! `loraplex train`: flags on top of a TOML config, then the training loop.
 
 use crate::model::Quantize;
+use crate::runtime::DeviceSpec;
 use crate::train::config::TrainConfig;
 use crate::train::data::Method;
 use crate::train::optim::Schedule;
@@ -22,6 +23,9 @@ pub struct TrainArgs {
     /// With --quantize nf4: double quantization of the block scales.
     #[arg(long)]
     pub double_quant: bool,
+    /// Where to train: auto or cpu (training runs on the CPU for now; cuda is refused).
+    #[arg(long, default_value_t = DeviceSpec::Auto)]
+    pub device: DeviceSpec,
     /// Training data (JSONL: Alpaca, chat messages, or DPO prompt/chosen/rejected).
     #[arg(long)]
     pub data: Option<PathBuf>,
@@ -138,6 +142,12 @@ impl TrainArgs {
 }
 
 pub fn run(a: TrainArgs) -> Result<()> {
+    if let DeviceSpec::Cuda(_) = a.device {
+        anyhow::bail!(
+            "training runs on the CPU for now: `train --device cuda` is not supported yet \
+             (use --device cpu or auto)"
+        );
+    }
     let cfg = a.to_config()?;
     cfg.validate()?;
     let nf4 = cfg.quantize.settings(cfg.double_quant)?;

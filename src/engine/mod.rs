@@ -29,6 +29,10 @@ pub struct EngineConfig {
     pub max_waiting: usize,
     /// Most prompt tokens prefilled in one step (over all sequences).
     pub prefill_chunk: usize,
+    /// Byte budget of all running sequences' KV caches (`None`: unlimited). A sequence reserves
+    /// what its prompt plus `max_tokens` can fill when it is admitted; while the budget cannot
+    /// hold the next one, it waits. One that could never fit is refused at submission.
+    pub kv_budget_bytes: Option<usize>,
 }
 
 impl Default for EngineConfig {
@@ -37,6 +41,7 @@ impl Default for EngineConfig {
             max_batch_size: 32,
             max_waiting: 256,
             prefill_chunk: 256,
+            kv_budget_bytes: None,
         }
     }
 }
@@ -76,6 +81,25 @@ pub enum SubmitError {
     QueueFull(usize),
     #[error("the engine has stopped")]
     Stopped,
+    #[error(
+        "the prompt plus max_tokens needs {need} bytes of KV cache, more than the server's whole \
+         KV budget of {budget} bytes; shorten the prompt or lower max_tokens"
+    )]
+    KvTooLarge { need: usize, budget: usize },
+}
+
+/// Positions a sequence may fill: its prompt plus `max_tokens`, within the model's context.
+pub fn kv_positions(model: &LoadedModel, req: &EngineRequest) -> usize {
+    (req.prompt_ids.len() + req.params.max_tokens).min(model.llama.max_context())
+}
+
+/// Bytes of KV cache one position takes (keys and values of every layer, in the model's dtype).
+pub fn kv_bytes_per_position(model: &LoadedModel) -> usize {
+    let c = &model.llama.cfg;
+    2 * c.num_hidden_layers
+        * c.num_key_value_heads
+        * c.head_dim
+        * model.llama.dtype().size_in_bytes()
 }
 
 pub(crate) struct Submission {
@@ -90,6 +114,7 @@ pub struct EngineHandle {
     tx: mpsc::Sender<Submission>,
     waiting: Arc<AtomicUsize>,
     max_waiting: usize,
+    kv_budget_bytes: Option<usize>,
     model: Arc<LoadedModel>,
 }
 
@@ -102,6 +127,7 @@ impl EngineHandle {
             tx,
             waiting: waiting.clone(),
             max_waiting: cfg.max_waiting,
+            kv_budget_bytes: cfg.kv_budget_bytes,
             model: model.clone(),
         };
         std::thread::Builder::new()
@@ -122,6 +148,12 @@ impl EngineHandle {
         &self,
         req: EngineRequest,
     ) -> Result<tmpsc::UnboundedReceiver<EngineEvent>, SubmitError> {
+        if let Some(budget) = self.kv_budget_bytes {
+            let need = kv_positions(&self.model, &req) * kv_bytes_per_position(&self.model);
+            if need > budget {
+                return Err(SubmitError::KvTooLarge { need, budget });
+            }
+        }
         let n = self.waiting.fetch_add(1, Ordering::SeqCst);
         if n >= self.max_waiting {
             self.waiting.fetch_sub(1, Ordering::SeqCst);

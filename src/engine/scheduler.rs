@@ -1,8 +1,9 @@
 //! The scheduler loop (runs on its own thread): admit, batch, forward, sample, stream, retire.
 
-use super::{EngineConfig, EngineEvent, Submission};
+use super::{kv_bytes_per_position, kv_positions, EngineConfig, EngineEvent, Submission};
 use crate::generate::SequenceState;
-use crate::model::{fast, KvCache, LoadedModel, LogitsMode, SeqInput};
+use crate::model::{KvCache, LoadedModel};
+use crate::runtime::{Backend, LogitsMode, SeqInput};
 use candle_core::Tensor;
 use prometheus::{Histogram, HistogramOpts, IntCounter, IntGauge, Registry};
 use std::collections::VecDeque;
@@ -88,6 +89,8 @@ struct Running {
     /// The token to feed next (after prefill).
     next: Option<u32>,
     last_token_at: Option<Instant>,
+    /// KV bytes reserved for this sequence against the engine's budget.
+    kv_reserved: usize,
 }
 
 pub(super) fn run(
@@ -99,6 +102,14 @@ pub(super) fn run(
 ) {
     let mut waiting: VecDeque<Submission> = VecDeque::new();
     let mut running: Vec<Running> = Vec::new();
+    // The backend is fixed by the model's device; it says how many rows one forward call holds.
+    let row_budget = match Backend::of(model.llama.device()) {
+        Ok(b) => b.row_budget(),
+        Err(e) => {
+            tracing::error!("engine: {e}");
+            return;
+        }
+    };
     loop {
         // Block when idle; otherwise take whatever has arrived.
         if running.is_empty() && waiting.is_empty() {
@@ -122,11 +133,25 @@ pub(super) fn run(
         metrics
             .cancelled
             .inc_by((before - running.len() + dropped_waiting) as u64);
-        // Admit.
+        // Admit, in arrival order, while a batch slot and the KV budget allow.
+        let per_position = kv_bytes_per_position(&model);
+        let mut reserved: usize = running.iter().map(|r| r.kv_reserved).sum();
         while running.len() < cfg.max_batch_size {
+            let Some(front) = waiting.front() else {
+                break;
+            };
+            let positions = kv_positions(&model, &front.req);
+            let need = positions * per_position;
+            if cfg
+                .kv_budget_bytes
+                .is_some_and(|budget| reserved + need > budget)
+            {
+                break;
+            }
             let Some(sub) = waiting.pop_front() else {
                 break;
             };
+            reserved += need;
             waiting_count.fetch_sub(1, Ordering::SeqCst);
             metrics
                 .queue_wait
@@ -138,13 +163,17 @@ pub(super) fn run(
             ) {
                 Ok(state) => running.push(Running {
                     state,
-                    cache: model.llama.new_cache(),
+                    // Capped at what the sequence may fill, so its buffers stay within its
+                    // reservation.
+                    cache: KvCache::new(model.llama.cfg.num_hidden_layers, positions),
+                    kv_reserved: need,
                     prefilled: 0,
                     next: None,
                     last_token_at: None,
                     sub,
                 }),
                 Err(e) => {
+                    reserved -= need;
                     let _ = sub.events.send(EngineEvent::Error(format!("{e:#}")));
                 }
             }
@@ -154,7 +183,7 @@ pub(super) fn run(
         if running.is_empty() {
             continue;
         }
-        step(&model, &cfg, &mut running, &metrics);
+        step(&model, &cfg, row_budget, &mut running, &metrics);
         metrics
             .kv_cache_bytes
             .set(running.iter().map(|r| r.cache.bytes()).sum::<usize>() as i64);
@@ -166,6 +195,7 @@ pub(super) fn run(
 fn step(
     model: &LoadedModel,
     cfg: &EngineConfig,
+    row_budget: usize,
     running: &mut Vec<Running>,
     metrics: &EngineMetrics,
 ) {
@@ -201,20 +231,19 @@ fn step(
                 lora: r.sub.req.lora.clone(),
             });
         }
-        // Calls of at most `fast::MAX_ROWS` rows take the fast few-row path (bit-identical per row
-        // whatever the batch); a bigger prompt chunk goes alone through the gemm path.
+        // Calls of at most the backend's row budget (on the CPU: the fast few-row path,
+        // bit-identical per row whatever the batch); a bigger prompt chunk goes alone.
         let mut parts = Vec::new();
         let mut start = 0;
         let mut failed = None;
         while start < seqs.len() {
             let (mut end, mut rows) = (start, 0);
-            while end < seqs.len()
-                && (end == start || rows + seqs[end].tokens.len() <= fast::MAX_ROWS)
+            while end < seqs.len() && (end == start || rows + seqs[end].tokens.len() <= row_budget)
             {
                 rows += seqs[end].tokens.len();
                 end += 1;
             }
-            match model.llama.forward(&mut seqs[start..end], LogitsMode::Last) {
+            match crate::runtime::forward(&model.llama, &mut seqs[start..end], LogitsMode::Last) {
                 Ok(l) => parts.push(l),
                 Err(e) => {
                     failed = Some(e);

@@ -5,7 +5,8 @@
 //! small matmuls per module (`(x A^T) B^T`), however many adapters it holds (PEFT's "cat").
 
 use super::adapter::LoraAdapter;
-use crate::model::{Llama, Proj};
+use super::AdapterSpec;
+use crate::model::{Llama, Placement, Proj};
 use anyhow::{bail, Result};
 use candle_core::Tensor;
 use std::collections::BTreeMap;
@@ -56,8 +57,19 @@ pub struct LoraStack {
 }
 
 impl LoraStack {
-    /// Builds the stack for a base of `num_layers` layers. Weights must be finite.
+    /// Builds the stack for a base of `num_layers` layers, f32 on the CPU. Weights must be finite.
     pub fn new(members: Vec<(Arc<LoraAdapter>, f64)>, num_layers: usize) -> Result<Self> {
+        Self::new_on(members, num_layers, &Placement::cpu())
+    }
+
+    /// Builds the stack for a base of `num_layers` layers whose weights are stored as `at` says:
+    /// the concatenated pairs live on that device in that dtype (the scaled sums are formed in
+    /// f32 first). Weights must be finite.
+    pub fn new_on(
+        members: Vec<(Arc<LoraAdapter>, f64)>,
+        num_layers: usize,
+        at: &Placement,
+    ) -> Result<Self> {
         if members.is_empty() {
             bail!("an adapter stack needs at least one adapter");
         }
@@ -85,8 +97,8 @@ impl LoraStack {
             (0..num_layers).map(|_| Default::default()).collect();
         for ((layer, proj), (a, b)) in parts {
             layers[layer][proj.index()] = Some(LoraPair {
-                a: Tensor::cat(&a, 0)?.contiguous()?,
-                b: Tensor::cat(&b, 1)?.t()?.contiguous()?.t()?,
+                a: at.put(&Tensor::cat(&a, 0)?)?.contiguous()?,
+                b: at.put(&Tensor::cat(&b, 1)?.t()?.contiguous()?)?.t()?,
             });
         }
         Ok(Self { members, layers })
@@ -95,6 +107,41 @@ impl LoraStack {
     /// A stack of one adapter at weight 1.
     pub fn single(adapter: Arc<LoraAdapter>, num_layers: usize) -> Result<Self> {
         Self::new(vec![(adapter, 1.0)], num_layers)
+    }
+
+    /// Loads `DIR[:WEIGHT]` adapters, validates each against `base` and stacks them on the
+    /// base's device and dtype; `None` when no adapter is given.
+    pub fn load(base: &Llama, specs: &[AdapterSpec]) -> Result<Option<Arc<Self>>> {
+        if specs.is_empty() {
+            return Ok(None);
+        }
+        let mut members = Vec::with_capacity(specs.len());
+        for s in specs {
+            let adapter = LoraAdapter::load(&s.name()?, &s.dir, &base.cfg)?;
+            members.push((Arc::new(adapter), s.weight));
+        }
+        let stack = Self::new_on(members, base.cfg.num_hidden_layers, &base.placement())?;
+        Ok(Some(Arc::new(stack)))
+    }
+
+    /// Bytes held by the stack's own pairs (on its device; the members' host tensors are
+    /// counted by `LoraAdapter::bytes`).
+    pub fn bytes(&self) -> usize {
+        self.layers
+            .iter()
+            .flatten()
+            .flatten()
+            .map(|p| (p.a.elem_count() + p.b.elem_count()) * p.a.dtype().size_in_bytes())
+            .sum()
+    }
+
+    /// Whether the pairs live on the CPU.
+    pub fn on_cpu(&self) -> bool {
+        self.layers
+            .iter()
+            .flatten()
+            .flatten()
+            .all(|p| p.a.device().is_cpu())
     }
 
     pub fn pair(&self, layer: usize, proj: Proj) -> Option<&LoraPair> {

@@ -1,11 +1,59 @@
 //! Synthetic PEFT adapters with deterministic non-zero weights, for benchmarks, load tests and
 //! examples (any base shape, any rank and targets).
 
-use crate::model::{LlamaConfig, Proj};
+use super::adapter::{LoraAdapter, LoraModule};
+use super::config::PeftLoraConfig;
+use crate::model::{LlamaConfig, Placement, Proj};
 use anyhow::Result;
 use candle_core::{Device, Tensor};
-use std::collections::HashMap;
-use std::path::Path;
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+
+/// The PEFT config of a synthetic adapter: rank `r`, alpha `2r`, the given targets.
+fn synthetic_config(r: usize, targets: &[Proj]) -> serde_json::Value {
+    let names: Vec<&str> = targets.iter().map(|p| p.name()).collect();
+    serde_json::json!({"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r,
+        "lora_alpha": 2 * r, "target_modules": names, "bias": "none", "lora_dropout": 0.0})
+}
+
+/// A synthetic adapter built in memory, its tensors drawn where `at` says (rank `r`, alpha
+/// `2r`, the given targets in every layer, normal weights of standard deviation `std`; seeded
+/// on a GPU, where benchmarks of many adapters build them without touching the disk).
+pub fn synthetic_adapter(
+    name: &str,
+    cfg: &LlamaConfig,
+    r: usize,
+    targets: &[Proj],
+    std: f64,
+    at: &Placement,
+) -> Result<LoraAdapter> {
+    let config = PeftLoraConfig::from_json(&synthetic_config(r, targets))?;
+    let mut modules = BTreeMap::new();
+    for l in 0..cfg.num_hidden_layers {
+        for &p in targets {
+            let (i, o) = p.in_out(cfg);
+            let draw = |shape: (usize, usize)| -> Result<Tensor> {
+                Ok(Tensor::randn(0f32, std as f32, shape, &at.device)?.to_dtype(at.dtype)?)
+            };
+            let module = LoraModule {
+                a: draw((r, i))?,
+                b: draw((o, r))?,
+                scaling: config.scaling_for(&format!(
+                    "model.layers.{l}.{}.{}",
+                    p.parent(),
+                    p.name()
+                )),
+            };
+            modules.insert((l, p), module);
+        }
+    }
+    Ok(LoraAdapter {
+        name: name.to_string(),
+        dir: PathBuf::from(format!("synthetic:{name}")),
+        config,
+        modules,
+    })
+}
 
 /// Writes `adapter_config.json` + `adapter_model.safetensors` into `dir`: rank `r`, alpha `2r`,
 /// the given targets in every layer, weights `amplitude * sin(k * seed')` (different per layer).
@@ -41,9 +89,9 @@ pub fn write_synthetic_adapter(
         }
     }
     candle_core::safetensors::save(&t, dir.join("adapter_model.safetensors"))?;
-    let names: Vec<&str> = targets.iter().map(|p| p.name()).collect();
-    let config = serde_json::json!({"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r,
-        "lora_alpha": 2 * r, "target_modules": names, "bias": "none", "lora_dropout": 0.0});
-    std::fs::write(dir.join("adapter_config.json"), config.to_string())?;
+    std::fs::write(
+        dir.join("adapter_config.json"),
+        synthetic_config(r, targets).to_string(),
+    )?;
     Ok(())
 }

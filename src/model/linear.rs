@@ -75,7 +75,8 @@ impl Nf4Settings {
 /// A projection's weight matrix `[out, in]`.
 #[derive(Clone, Debug)]
 pub enum LinearWeight {
-    F32(Tensor),
+    /// A dense tensor in the model's dtype (f32 on the CPU; bf16, f16 or f32 on a GPU).
+    Dense(Tensor),
     Nf4(Arc<Nf4Packed>),
 }
 
@@ -90,7 +91,7 @@ impl Linear {
     /// `x: [.., in]` → `[.., out]` (candle ops; the NF4 op has an input-gradient backward).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let y = match &self.weight {
-            LinearWeight::F32(w) => x.matmul(&w.t()?)?,
+            LinearWeight::Dense(w) => x.matmul(&w.t()?)?,
             LinearWeight::Nf4(w) => {
                 return Nf4Linear::from_arc(w.clone(), self.bias.clone()).forward(x)
             }
@@ -104,7 +105,7 @@ impl Linear {
     /// `(out, in)`.
     pub fn shape(&self) -> (usize, usize) {
         match &self.weight {
-            LinearWeight::F32(w) => {
+            LinearWeight::Dense(w) => {
                 let d = w.dims();
                 (d[0], d.get(1).copied().unwrap_or(0))
             }
@@ -116,21 +117,21 @@ impl Linear {
     pub fn nf4(&self) -> Option<&Arc<Nf4Packed>> {
         match &self.weight {
             LinearWeight::Nf4(w) => Some(w),
-            LinearWeight::F32(_) => None,
+            LinearWeight::Dense(_) => None,
         }
     }
 
     /// The weight as a dense f32 tensor (dequantized when packed).
     pub fn dense_weight(&self, device: &Device) -> Result<Tensor> {
         match &self.weight {
-            LinearWeight::F32(w) => Ok(w.clone()),
+            LinearWeight::Dense(w) => Ok(w.clone()),
             LinearWeight::Nf4(w) => Tensor::from_vec(w.dequantize(), (w.rows, w.cols), device),
         }
     }
 
     /// Replaces a dense weight by its NF4 quantization (a quantized one is left as it is).
     pub fn quantize(&mut self, settings: Nf4Settings) -> anyhow::Result<()> {
-        if let LinearWeight::F32(w) = &self.weight {
+        if let LinearWeight::Dense(w) = &self.weight {
             self.weight = LinearWeight::Nf4(Arc::new(settings.quantize(w)?));
         }
         Ok(())
@@ -141,8 +142,8 @@ impl Linear {
     /// the return value says whether that happened (the caller warns about the loss).
     pub fn add_delta(&mut self, delta: &Tensor) -> anyhow::Result<bool> {
         match &self.weight {
-            LinearWeight::F32(w) => {
-                self.weight = LinearWeight::F32((w + delta)?);
+            LinearWeight::Dense(w) => {
+                self.weight = LinearWeight::Dense((w + delta)?);
                 Ok(false)
             }
             LinearWeight::Nf4(w) => {
@@ -167,7 +168,7 @@ impl Linear {
     pub fn bytes_by_dtype(&self) -> Vec<(String, usize)> {
         let mut out = Vec::with_capacity(2);
         match &self.weight {
-            LinearWeight::F32(w) => out.push(tensor_bytes(w)),
+            LinearWeight::Dense(w) => out.push(tensor_bytes(w)),
             LinearWeight::Nf4(w) => out.push(("nf4".to_string(), w.resident_bytes())),
         }
         if let Some(b) = &self.bias {

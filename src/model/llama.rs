@@ -1,20 +1,12 @@
-//! The Llama-family decoder and its batched forward pass.
-//!
-//! One call runs a batch of sequences, each with its own new tokens, KV cache (and so its own
-//! positions) and its own LoRA stack. The linear layers run over all rows of the batch at once;
-//! each group of rows that shares a LoRA stack gets that stack's delta added (a gather/scatter over
-//! the group's rows); attention runs per sequence on its own cache.
-//!
-//! That is the candle-op path (`Kernels::Candle`). Calls with few rows (decode steps) take the
-//! inference-only `model::fast` path instead, the same math on slices (`Kernels::Auto`).
+//! The Llama-family decoder's weights: embedding, blocks of norms and seven projections, final
+//! norm, lm_head and the RoPE tables, on one device in one dtype. Running them is
+//! `runtime`'s business (`runtime::forward`).
 
 use super::config::LlamaConfig;
-use super::fast;
 use super::kv_cache::KvCache;
 use super::linear::{tensor_bytes, Linear, LinearWeight, Nf4Settings};
 use super::proj::Proj;
 use super::rope::Rope;
-use crate::lora::LoraStack;
 use crate::quant::{is_bnb_layer, load_layer, save_layer};
 use anyhow::{bail, Context};
 use candle_core::{DType, Device, Result, Tensor, D};
@@ -53,47 +45,35 @@ pub struct LinearBytes {
     pub f16: usize,
 }
 
-/// Sees the input of each projection group during `Llama::block_forward` (calibration).
-pub type InputObserver<'a> = dyn FnMut(Proj, &Tensor) -> Result<()> + 'a;
-
-/// One sequence's share of a forward call.
-pub struct SeqInput<'a> {
-    /// The new tokens (a prompt chunk, or the one token just sampled).
-    pub tokens: &'a [u32],
-    /// This sequence's cache; the new tokens sit at positions `cache.len()..`.
-    pub cache: &'a mut KvCache,
-    /// The LoRA stack applied to this sequence's rows, if any.
-    pub lora: Option<Arc<LoraStack>>,
+/// Where and how the weights are stored: one device, one dtype for every dense tensor.
+#[derive(Clone, Debug)]
+pub struct Placement {
+    pub device: Device,
+    pub dtype: DType,
 }
 
-/// Which positions' logits a forward call returns.
-#[derive(Copy, Clone, Debug, PartialEq, Eq)]
-pub enum LogitsMode {
-    /// One row per sequence: its last new token.
-    Last,
-    /// One row per new token, sequences one after another.
-    All,
+impl Placement {
+    /// f32 on the CPU (the CPU backend's only dtype).
+    pub fn cpu() -> Self {
+        Self {
+            device: Device::Cpu,
+            dtype: DType::F32,
+        }
+    }
+
+    /// `t` converted to the dtype (on its own device first, so a narrower dtype travels less),
+    /// then moved to the device.
+    pub fn put(&self, t: &Tensor) -> Result<Tensor> {
+        t.to_dtype(self.dtype)?.to_device(&self.device)
+    }
 }
 
-/// Which implementation runs a forward call.
-#[derive(Copy, Clone, Debug, PartialEq, Eq, Default)]
-pub enum Kernels {
-    /// The inference kernels of `model::fast` when the call has few rows (decode steps, up to
-    /// `fast::MAX_ROWS` new tokens in all) and f32 CPU weights; candle ops otherwise.
-    #[default]
-    Auto,
-    /// Candle ops only: the reference path, built from the ops a training step differentiates.
-    Candle,
-}
-
-/// Rows of the batch that share one LoRA stack.
-struct RowGroup {
-    /// `None` when the group is the whole batch (no gather needed).
-    rows: Option<Tensor>,
-    stack: Arc<LoraStack>,
-}
-
-fn take(map: &mut HashMap<String, Tensor>, name: &str, shape: &[usize]) -> anyhow::Result<Tensor> {
+fn take(
+    map: &mut HashMap<String, Tensor>,
+    name: &str,
+    shape: &[usize],
+    at: &Placement,
+) -> anyhow::Result<Tensor> {
     let t = map
         .remove(name)
         .with_context(|| format!("weights: tensor `{name}` is missing"))?;
@@ -104,19 +84,27 @@ fn take(map: &mut HashMap<String, Tensor>, name: &str, shape: &[usize]) -> anyho
             shape
         );
     }
-    Ok(t.to_dtype(DType::F32)?)
+    Ok(at.put(&t)?)
 }
 
 impl Llama {
-    /// Builds the model from HF-named tensors (`model.layers.N.self_attn.q_proj.weight`, ...).
-    /// Every shape is checked against the config; a missing or misshapen tensor is an error.
+    /// Builds the model from HF-named tensors (`model.layers.N.self_attn.q_proj.weight`, ...),
+    /// stored as `at` says. Every shape is checked against the config; a missing or misshapen
+    /// tensor is an error. bitsandbytes NF4 layers stay packed on the CPU and are dequantized
+    /// to the dtype on other devices.
     pub fn from_tensors(
-        mut cfg: LlamaConfig,
+        cfg: LlamaConfig,
         mut map: HashMap<String, Tensor>,
-        device: &Device,
+        at: &Placement,
     ) -> anyhow::Result<Self> {
+        let device = &at.device;
         let h = cfg.hidden_size;
-        let embed = take(&mut map, "model.embed_tokens.weight", &[cfg.vocab_size, h])?;
+        let embed = take(
+            &mut map,
+            "model.embed_tokens.weight",
+            &[cfg.vocab_size, h],
+            at,
+        )?;
         let mut blocks = Vec::with_capacity(cfg.num_hidden_layers);
         for l in 0..cfg.num_hidden_layers {
             let mut projs = Vec::with_capacity(7);
@@ -135,13 +123,20 @@ impl Llama {
                                 w.cols
                             );
                         }
-                        LinearWeight::Nf4(Arc::new(w))
+                        match device.is_cpu() {
+                            true => LinearWeight::Nf4(Arc::new(w)),
+                            false => LinearWeight::Dense(at.put(&Tensor::from_vec(
+                                w.dequantize(),
+                                (o, i),
+                                &Device::Cpu,
+                            )?)?),
+                        }
                     }
-                    false => LinearWeight::F32(take(&mut map, &name, &[o, i])?),
+                    false => LinearWeight::Dense(take(&mut map, &name, &[o, i], at)?),
                 };
                 let bias_name = format!("{module}.bias");
                 let bias = match map.contains_key(&bias_name) {
-                    true => Some(take(&mut map, &bias_name, &[o])?),
+                    true => Some(take(&mut map, &bias_name, &[o], at)?),
                     false => None,
                 };
                 projs.push(Linear { weight, bias });
@@ -154,34 +149,50 @@ impl Llama {
                     &mut map,
                     &format!("model.layers.{l}.input_layernorm.weight"),
                     &[h],
+                    at,
                 )?,
                 mlp_norm: take(
                     &mut map,
                     &format!("model.layers.{l}.post_attention_layernorm.weight"),
                     &[h],
+                    at,
                 )?,
                 proj,
             });
         }
-        let norm = take(&mut map, "model.norm.weight", &[h])?;
+        let norm = take(&mut map, "model.norm.weight", &[h], at)?;
         let tied = cfg.tie_word_embeddings || !map.contains_key("lm_head.weight");
         let lm_head = match tied {
-            false => take(&mut map, "lm_head.weight", &[cfg.vocab_size, h])?,
-            true => embed.clone(),
+            false => Some(take(&mut map, "lm_head.weight", &[cfg.vocab_size, h], at)?),
+            true => None,
         };
-        cfg.tie_word_embeddings = tied;
         // Rotary tables are not weights; anything else left over is a layout we do not understand.
         map.retain(|k, _| !k.contains("rotary_emb") && k != "lm_head.weight");
         if let Some(extra) = map.keys().next() {
             bail!("weights: unexpected tensor `{extra}` (not part of a Llama-family model)");
         }
+        Ok(Self::from_parts(cfg, embed, blocks, norm, lm_head, device)?)
+    }
+
+    /// Assembles a model from its parts (shapes as the config says); `lm_head: None` ties it to
+    /// the embedding.
+    pub fn from_parts(
+        mut cfg: LlamaConfig,
+        embed: Tensor,
+        blocks: Vec<Block>,
+        norm: Tensor,
+        lm_head: Option<Tensor>,
+        device: &Device,
+    ) -> Result<Self> {
+        let tied = lm_head.is_none();
+        cfg.tie_word_embeddings = tied;
         let rope = Rope::new(&cfg, device)?;
         Ok(Self {
             cfg,
+            lm_head: lm_head.unwrap_or_else(|| embed.clone()),
             embed,
             blocks,
             norm,
-            lm_head,
             tied,
             rope,
             device: device.clone(),
@@ -190,6 +201,19 @@ impl Llama {
 
     pub fn device(&self) -> &Device {
         &self.device
+    }
+
+    /// Where and how the dense weights are stored.
+    pub fn placement(&self) -> Placement {
+        Placement {
+            device: self.device.clone(),
+            dtype: self.dtype(),
+        }
+    }
+
+    /// The dtype of the dense weights (and so of activations and the KV cache).
+    pub fn dtype(&self) -> DType {
+        self.embed.dtype()
     }
 
     /// The longest sequence (prompt + generated) this model accepts.
@@ -229,7 +253,7 @@ impl Llama {
                     out.push((name.replace(".weight", ".bias"), bias.clone()));
                 }
                 match &lin.weight {
-                    LinearWeight::F32(w) => out.push((name, w.clone())),
+                    LinearWeight::Dense(w) => out.push((name, w.clone())),
                     LinearWeight::Nf4(w) => {
                         let mut layer = HashMap::new();
                         save_layer(w, name.trim_end_matches(".weight"), &mut layer)?;
@@ -278,7 +302,7 @@ impl Llama {
             let (o, i) = lin.shape();
             out.f16 += o * i * 2;
             out.resident += match &lin.weight {
-                LinearWeight::F32(w) => tensor_bytes(w).1,
+                LinearWeight::Dense(w) => tensor_bytes(w).1,
                 LinearWeight::Nf4(w) => w.resident_bytes(),
             };
         }
@@ -338,224 +362,6 @@ impl Llama {
     /// The RoPE tables.
     pub fn rope(&self) -> &Rope {
         &self.rope
-    }
-
-    /// Runs one batched forward step and returns logits (`[rows, vocab]`, see `LogitsMode`).
-    /// Each sequence's cache grows by its new tokens; on error no cache advances.
-    /// Inference only (`Kernels::Auto`); see `forward_with`.
-    pub fn forward(&self, seqs: &mut [SeqInput<'_>], mode: LogitsMode) -> Result<Tensor> {
-        self.forward_with(seqs, mode, Kernels::Auto)
-    }
-
-    /// `forward` with a choice of implementation: `Kernels::Candle` always runs the candle-op
-    /// path; `Kernels::Auto` takes the fast inference path when the call qualifies.
-    pub fn forward_with(
-        &self,
-        seqs: &mut [SeqInput<'_>],
-        mode: LogitsMode,
-        kernels: Kernels,
-    ) -> Result<Tensor> {
-        let cfg = &self.cfg;
-        let total: usize = seqs.iter().map(|s| s.tokens.len()).sum();
-        if seqs.iter().any(|s| s.tokens.is_empty()) {
-            candle_core::bail!("every sequence in a forward call needs at least one new token");
-        }
-        let mut ids = Vec::with_capacity(total);
-        for s in seqs.iter() {
-            let end = s.cache.len() + s.tokens.len();
-            if end > self.max_context() {
-                candle_core::bail!(
-                    "sequence of {end} tokens exceeds the model's context of {}",
-                    self.max_context()
-                );
-            }
-            if let Some(&bad) = s.tokens.iter().find(|&&t| t as usize >= cfg.vocab_size) {
-                candle_core::bail!(
-                    "token id {bad} is outside the vocabulary ({})",
-                    cfg.vocab_size
-                );
-            }
-            ids.extend_from_slice(s.tokens);
-        }
-        if kernels == Kernels::Auto && fast::eligible(self, seqs, total) {
-            return fast::forward(self, seqs, mode);
-        }
-        let groups = self.row_groups(seqs)?;
-        let ids = Tensor::from_vec(ids, total, &self.device)?;
-        let mut x = self.embed.index_select(&ids, 0)?;
-        for l in 0..self.blocks.len() {
-            x = self.block(l, &x, seqs, &groups, None)?;
-        }
-        for s in seqs.iter_mut() {
-            s.cache.commit();
-        }
-        let x = match mode {
-            LogitsMode::All => x,
-            LogitsMode::Last => {
-                let mut last = Vec::with_capacity(seqs.len());
-                let mut r = 0u32;
-                for s in seqs.iter() {
-                    r += s.tokens.len() as u32;
-                    last.push(r - 1);
-                }
-                let n = last.len();
-                x.index_select(&Tensor::from_vec(last, n, &self.device)?, 0)?
-            }
-        };
-        let x = candle_nn::ops::rms_norm(&x, &self.norm, cfg.rms_norm_eps as f32)?;
-        x.matmul(&self.lm_head.t()?)
-    }
-
-    /// Runs decoder block `layer` alone on hidden states `x` (`[rows, hidden]`, the rows of
-    /// `seqs` one after another; each cache's layer `layer` grows and nothing is committed),
-    /// without LoRA. `observe` sees the input of each projection group as it is computed
-    /// (`Proj::Q` for q/k/v, `O`, `Gate` for gate/up, `Down`): what calibration collects.
-    pub fn block_forward(
-        &self,
-        layer: usize,
-        x: &Tensor,
-        seqs: &mut [SeqInput<'_>],
-        observe: &mut InputObserver<'_>,
-    ) -> Result<Tensor> {
-        if layer >= self.blocks.len() {
-            candle_core::bail!("layer {layer} is outside the model's {}", self.blocks.len());
-        }
-        self.block(layer, x, seqs, &[], Some(observe))
-    }
-
-    /// One decoder block on the candle-op path: attention per sequence on its cache, then the MLP.
-    fn block(
-        &self,
-        l: usize,
-        x: &Tensor,
-        seqs: &mut [SeqInput<'_>],
-        groups: &[RowGroup],
-        mut observe: Option<&mut InputObserver<'_>>,
-    ) -> Result<Tensor> {
-        let cfg = &self.cfg;
-        let blk = &self.blocks[l];
-        let (nh, nkv, hd) = (
-            cfg.num_attention_heads,
-            cfg.num_key_value_heads,
-            cfg.head_dim,
-        );
-        let mut seen = |p: Proj, t: &Tensor| -> Result<()> {
-            match observe.as_mut() {
-                Some(f) => f(p, t),
-                None => Ok(()),
-            }
-        };
-        let group = cfg.gqa_group();
-        let scale = 1.0 / (hd as f64).sqrt();
-        let eps = cfg.rms_norm_eps as f32;
-        let h = candle_nn::ops::rms_norm(x, &blk.attn_norm, eps)?;
-        seen(Proj::Q, &h)?;
-        let q = self.linear(&h, l, Proj::Q, groups)?;
-        let k = self.linear(&h, l, Proj::K, groups)?;
-        let v = self.linear(&h, l, Proj::V, groups)?;
-        let mut outs = Vec::with_capacity(seqs.len());
-        let mut r0 = 0;
-        for s in seqs.iter_mut() {
-            let len = s.tokens.len();
-            let off = s.cache.len();
-            let heads = |t: &Tensor, n: usize| -> Result<Tensor> {
-                t.narrow(0, r0, len)?
-                    .reshape((len, n, hd))?
-                    .transpose(0, 1)?
-                    .contiguous()
-            };
-            let qs = self.rope.apply(&heads(&q, nh)?, off, false)?;
-            let ks = self.rope.apply(&heads(&k, nkv)?, off, false)?;
-            let vs = heads(&v, nkv)?;
-            let (k_all, v_all) = s.cache.append(l, &ks, &vs)?;
-            let t = off + len;
-            // Query heads h = kv * group + g share kv head `kv`: fold the group into rows.
-            let qg = qs.reshape((nkv, group * len, hd))?;
-            let mut att = (qg.matmul(&k_all.t()?)? * scale)?;
-            if len > 1 {
-                let mask: Vec<f32> = (0..len)
-                    .flat_map(|i| {
-                        (0..t).map(move |j| if j > off + i { f32::NEG_INFINITY } else { 0.0 })
-                    })
-                    .collect();
-                let mask = Tensor::from_vec(mask, (len, t), &self.device)?;
-                att = att
-                    .reshape((nkv, group, len, t))?
-                    .broadcast_add(&mask)?
-                    .reshape((nkv, group * len, t))?;
-            }
-            let att = candle_nn::ops::softmax_last_dim(&att)?;
-            let o = att.matmul(&v_all.contiguous()?)?;
-            outs.push(
-                o.reshape((nh, len, hd))?
-                    .transpose(0, 1)?
-                    .reshape((len, nh * hd))?,
-            );
-            r0 += len;
-        }
-        let attn = Tensor::cat(&outs, 0)?;
-        seen(Proj::O, &attn)?;
-        let x = (x + self.linear(&attn, l, Proj::O, groups)?)?;
-        let h = candle_nn::ops::rms_norm(&x, &blk.mlp_norm, eps)?;
-        seen(Proj::Gate, &h)?;
-        let gate = self.linear(&h, l, Proj::Gate, groups)?;
-        let up = self.linear(&h, l, Proj::Up, groups)?;
-        let act = (gate.silu()? * up)?;
-        seen(Proj::Down, &act)?;
-        x + self.linear(&act, l, Proj::Down, groups)?
-    }
-
-    /// Groups the batch's rows by LoRA stack (identity of the `Arc`).
-    fn row_groups(&self, seqs: &[SeqInput<'_>]) -> Result<Vec<RowGroup>> {
-        let mut groups: Vec<(Arc<LoraStack>, Vec<u32>)> = Vec::new();
-        let mut r = 0u32;
-        let mut all_rows_one_stack = true;
-        for s in seqs {
-            let n = s.tokens.len() as u32;
-            match &s.lora {
-                Some(stack) => {
-                    if let Some(g) = groups.iter_mut().find(|(st, _)| Arc::ptr_eq(st, stack)) {
-                        g.1.extend(r..r + n);
-                    } else {
-                        groups.push((stack.clone(), (r..r + n).collect()));
-                    }
-                }
-                None => all_rows_one_stack = false,
-            }
-            r += n;
-        }
-        if groups.len() == 1 && all_rows_one_stack {
-            let (stack, _) = groups.remove(0);
-            return Ok(vec![RowGroup { rows: None, stack }]);
-        }
-        groups
-            .into_iter()
-            .map(|(stack, rows)| {
-                let n = rows.len();
-                Ok(RowGroup {
-                    rows: Some(Tensor::from_vec(rows, n, &self.device)?),
-                    stack,
-                })
-            })
-            .collect()
-    }
-
-    /// A projection over all rows plus each row group's LoRA delta.
-    fn linear(&self, x: &Tensor, layer: usize, proj: Proj, groups: &[RowGroup]) -> Result<Tensor> {
-        let mut y = self.blocks[layer].proj[proj.index()].forward(x)?;
-        for g in groups {
-            let Some(pair) = g.stack.pair(layer, proj) else {
-                continue;
-            };
-            y = match &g.rows {
-                None => (y + pair.delta(x)?)?,
-                Some(rows) => {
-                    let delta = pair.delta(&x.index_select(rows, 0)?)?;
-                    y.index_add(rows, &delta, 0)?
-                }
-            };
-        }
-        Ok(y)
     }
 }
 

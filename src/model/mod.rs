@@ -1,11 +1,10 @@
-//! The base model: config parsing, weight loading (HF safetensors folders, GGUF files, hub ids),
-//! the Llama forward pass with per-sequence KV caches, and writing an HF folder back out.
+//! The base model as weights: config parsing, weight loading (HF safetensors folders, GGUF files,
+//! hub ids, seeded random `dummy:` models) onto a device in a dtype, per-sequence KV caches, and
+//! writing an HF folder back out. Running the model is `runtime`'s business.
 
-pub mod calibrate;
 pub mod config;
+pub mod dummy;
 pub mod export;
-pub mod fast;
-pub mod kernels;
 pub mod kv_cache;
 pub mod linear;
 pub mod llama;
@@ -16,7 +15,7 @@ pub mod weights;
 pub use config::LlamaConfig;
 pub use kv_cache::KvCache;
 pub use linear::{Linear, LinearWeight, Nf4Settings, Quantize};
-pub use llama::{Kernels, Llama, LogitsMode, SeqInput};
+pub use llama::{Llama, Placement};
 pub use proj::Proj;
 
 use crate::tokenize::TextTokenizer;
@@ -29,6 +28,8 @@ use std::path::{Path, PathBuf};
 pub enum ModelFormat {
     HfFolder,
     Gguf,
+    /// Seeded random weights of a named or given shape (`dummy:`), for benchmarks.
+    Dummy,
 }
 
 /// A base model ready to run: weights, tokenizer (if the source has one) and stop ids.
@@ -131,6 +132,19 @@ fn file_id(path: &Path) -> String {
 
 /// Loads a base model from a resolved path (HF folder or GGUF file) onto `device`, in f32.
 pub fn load_path(path: &Path, device: &Device) -> Result<LoadedModel> {
+    load_path_as(
+        path,
+        &Placement {
+            device: device.clone(),
+            dtype: candle_core::DType::F32,
+        },
+    )
+}
+
+/// Loads a base model from a resolved path (HF folder or GGUF file), stored as `at` says. The
+/// files are read on the CPU; each tensor is converted and moved as the model takes it.
+pub fn load_path_as(path: &Path, at: &Placement) -> Result<LoadedModel> {
+    let device = &Device::Cpu;
     if !path.exists() {
         bail!("model path {} not found", path.display());
     }
@@ -140,7 +154,7 @@ pub fn load_path(path: &Path, device: &Device) -> Result<LoadedModel> {
         let files = weights::safetensors_files(path)?;
         let map = weights::load_safetensors(&files, device)?;
         let eos = cfg.eos_token_ids.clone();
-        let llama = Llama::from_tensors(cfg, map, device)
+        let llama = Llama::from_tensors(cfg, map, at)
             .with_context(|| format!("model folder {}", path.display()))?;
         let tokenizer = match path.join("tokenizer.json").is_file() {
             true => Some(TextTokenizer::from_hf_folder(path)?),
@@ -150,7 +164,7 @@ pub fn load_path(path: &Path, device: &Device) -> Result<LoadedModel> {
     } else {
         let (content, cfg, map) = weights::load_gguf(path, device)?;
         let eos = cfg.eos_token_ids.clone();
-        let llama = Llama::from_tensors(cfg, map, device)
+        let llama = Llama::from_tensors(cfg, map, at)
             .with_context(|| format!("GGUF file {}", path.display()))?;
         let tokenizer = TextTokenizer::from_gguf(&content)
             .with_context(|| format!("GGUF file {}: tokenizer", path.display()))?;
@@ -169,7 +183,7 @@ pub fn load_path(path: &Path, device: &Device) -> Result<LoadedModel> {
     eos.sort_unstable();
     eos.dedup();
     let id = match format {
-        ModelFormat::Gguf => file_id(path),
+        ModelFormat::Gguf | ModelFormat::Dummy => file_id(path),
         ModelFormat::HfFolder => path
             .canonicalize()
             .ok()
@@ -212,10 +226,20 @@ pub fn release_freed_memory() {
     }
 }
 
-/// `resolve` then `load_path` on the CPU.
+/// `resolve` then `load_path` on the CPU, in f32.
 pub fn load(spec: Option<&str>) -> Result<LoadedModel> {
+    load_as(spec, &Placement::cpu())
+}
+
+/// Loads `--model` stored as `at` says: `dummy:NAME` or `dummy:path/config.json` builds a
+/// seeded random model on the device (no weights file, no tokenizer); anything else is
+/// `resolve`d and loaded from disk.
+pub fn load_as(spec: Option<&str>, at: &Placement) -> Result<LoadedModel> {
+    if let Some(what) = spec.and_then(|s| s.strip_prefix(dummy::PREFIX)) {
+        return dummy::load(what, at);
+    }
     let path = resolve(spec)?;
-    let mut model = load_path(&path, &Device::Cpu)?;
+    let mut model = load_path_as(&path, at)?;
     if spec.is_none() {
         model.id = crate::fetch::DEFAULT_MODEL_ID.to_string();
     }

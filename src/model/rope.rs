@@ -78,8 +78,9 @@ impl Rope {
     /// candle's fused kernel (inference).
     pub fn apply(&self, x: &Tensor, offset: usize, differentiable: bool) -> Result<Tensor> {
         let (_h, len, _d) = x.dims3()?;
-        let cos = self.cos.narrow(0, offset, len)?;
-        let sin = self.sin.narrow(0, offset, len)?;
+        // The tables are f32; like HF, rotate in the activations' dtype.
+        let cos = self.cos.narrow(0, offset, len)?.to_dtype(x.dtype())?;
+        let sin = self.sin.narrow(0, offset, len)?.to_dtype(x.dtype())?;
         let x4 = x.unsqueeze(0)?;
         let out = if differentiable {
             candle_nn::rotary_emb::rope_slow(&x4, &cos, &sin)?

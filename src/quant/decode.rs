@@ -18,6 +18,7 @@
 //! the outlier's steps). Other layouts, inputs that are not finite or outside [`GROUP_MAX_RANGE`],
 //! and CPUs without AVX2 take the exact f32 kernel (`kernels::fused_rows`).
 
+use super::int16::{Chunk, CODE_SCALE};
 use super::kernels::{fused_rows, simd_available};
 use super::nf4::{Absmax, Nf4Packed};
 
@@ -25,8 +26,6 @@ use super::nf4::{Absmax, Nf4Packed};
 const UNIT: usize = 64;
 /// Largest int16 magnitude of a quantized input.
 const QMAX: f64 = 16383.0;
-/// The int16 codebook is `round(NF4_CODE * CODE_SCALE)` (see the module comment).
-pub(crate) const CODE_SCALE: f64 = 14640.0;
 /// Input rows one pass of the integer kernel serves (each decoded weight unit is reused for all).
 #[cfg(target_arch = "x86_64")]
 const MAX_G: usize = 16;
@@ -36,11 +35,6 @@ const ROW_BATCH: usize = 64;
 /// Group maxima outside this range (other than 0) send the input to the exact kernel: their
 /// scales would leave f32's normal range.
 const GROUP_MAX_RANGE: std::ops::RangeInclusive<f32> = 1e-20..=1e20;
-
-/// 16 int16 inputs in kernel order, aligned for 32-byte loads.
-#[derive(Copy, Clone, Debug, Default, PartialEq)]
-#[repr(C, align(32))]
-pub(crate) struct Chunk(pub(crate) [i16; 16]);
 
 /// Where element `i` of a 64-feature unit goes: `(chunk, position)`. Lane `l` (positions
 /// `8l..8l+8`) of chunk `2 * parity + half` holds elements `32l + 16 half + 2j + parity`, the

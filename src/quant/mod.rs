@@ -6,6 +6,7 @@
 pub mod bnb;
 pub mod decode;
 pub mod gptq;
+mod int16;
 pub mod kernels;
 pub mod nf4;
 mod scale_search;

@@ -20,9 +20,10 @@
 
 #![deny(unsafe_op_in_unsafe_fn)]
 
-use super::decode::{Chunk, CODE_SCALE};
+use super::int16::{Chunk, CODE_SCALE};
 use super::nf4::NF4_CODE;
 use super::simd::hsum;
+
 use std::arch::x86_64::*;
 
 /// Weights per unit (the span of one int32 accumulation).

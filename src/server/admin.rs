@@ -128,6 +128,13 @@ pub async fn health(State(state): State<Shared>) -> Response {
 pub async fn metrics(State(state): State<Shared>) -> Response {
     // Refresh cache gauges before rendering.
     let _ = state.adapters.list().await;
+    let memory = &state.metrics.device_memory;
+    memory
+        .with_label_values(&["kv"])
+        .set(state.engine_metrics.kv_cache_bytes.get());
+    memory
+        .with_label_values(&["adapters"])
+        .set(state.adapters.bytes_on_device() as i64);
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         state.metrics.render(),

@@ -227,6 +227,9 @@ async fn run(
             .map_err(|e| match e {
                 SubmitError::QueueFull(_) => ApiError::overloaded(e.to_string()),
                 SubmitError::Stopped => ApiError::unavailable(e.to_string()),
+                SubmitError::KvTooLarge { .. } => {
+                    ApiError::invalid(Some("max_tokens"), e.to_string())
+                }
             })?;
         choices.push(Choice { index: i, rx });
     }

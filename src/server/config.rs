@@ -2,6 +2,7 @@
 //! command-line flags on top.
 
 use crate::model::Quantize;
+use crate::runtime::{DeviceSpec, DtypeSpec};
 use anyhow::{Context, Result};
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
@@ -16,6 +17,13 @@ pub struct ServeConfig {
     pub quantize: Quantize,
     /// With NF4: store the block scales in 8 bits too (double quantization).
     pub double_quant: bool,
+    /// `"auto"` (the GPU when built with `cuda` and one is visible), `"cpu"`, `"cuda"`, `"cuda:N"`.
+    pub device: DeviceSpec,
+    /// `"auto"` (bf16 on a GPU, f32 on the CPU), `"bf16"`, `"f16"`, `"f32"`.
+    pub dtype: DtypeSpec,
+    /// Byte budget of all running sequences' KV caches (unset: 90% of free GPU memory after
+    /// loading on a GPU, unlimited on the CPU). A request whose cache cannot fit waits.
+    pub kv_cache_bytes: Option<u64>,
     pub host: String,
     pub port: u16,
     /// Folder whose subfolders are PEFT adapters, named by the folder.
@@ -46,6 +54,9 @@ impl Default for ServeConfig {
             model: None,
             quantize: Quantize::None,
             double_quant: false,
+            device: DeviceSpec::Auto,
+            dtype: DtypeSpec::Auto,
+            kv_cache_bytes: None,
             host: "127.0.0.1".into(),
             port: 8000,
             adapters_dir: PathBuf::from("adapters"),
@@ -96,6 +107,14 @@ mod tests {
         c.validate().unwrap();
         assert_eq!(c.port, 8000);
         assert_eq!(c.quantize, Quantize::None);
+        assert_eq!(c.device, DeviceSpec::Auto);
+        let gpu: ServeConfig =
+            toml::from_str("device = \"cuda:1\"\ndtype = \"f16\"\nkv_cache_bytes = 1000").unwrap();
+        assert_eq!(
+            (gpu.device, gpu.dtype, gpu.kv_cache_bytes),
+            (DeviceSpec::Cuda(1), DtypeSpec::F16, Some(1000))
+        );
+        assert!(toml::from_str::<ServeConfig>("device = \"tpu\"").is_err());
         assert!(toml::from_str::<ServeConfig>("prot = 1").is_err());
         let nf4: ServeConfig = toml::from_str("quantize = \"nf4\"\ndouble_quant = true").unwrap();
         nf4.validate().unwrap();

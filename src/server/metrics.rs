@@ -10,6 +10,8 @@ pub struct ServerMetrics {
     pub generated_tokens: IntCounterVec,
     pub base_bytes: IntGauge,
     pub base_bytes_by_dtype: IntGaugeVec,
+    /// Bytes on the base's device by kind: `weights`, `kv`, `adapters` (host memory on the CPU).
+    pub device_memory: IntGaugeVec,
 }
 
 impl ServerMetrics {
@@ -33,6 +35,14 @@ impl ServerMetrics {
             &["dtype"],
         )?;
         registry.register(Box::new(base_bytes_by_dtype.clone()))?;
+        let device_memory = IntGaugeVec::new(
+            Opts::new(
+                "loraplex_device_memory_bytes",
+                "Bytes held on the base's device by kind: weights, kv (running sequences' caches), adapters (cached adapters' device copies; host tensors on the CPU)",
+            ),
+            &["kind"],
+        )?;
+        registry.register(Box::new(device_memory.clone()))?;
         Ok(Self {
             requests: vec(
                 "loraplex_requests_total",
@@ -51,6 +61,7 @@ impl ServerMetrics {
             )?,
             base_bytes,
             base_bytes_by_dtype,
+            device_memory,
             registry,
         })
     }

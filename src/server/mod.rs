@@ -43,6 +43,7 @@ pub struct AppState {
     pub model: Arc<LoadedModel>,
     pub adapters: Arc<AdapterRegistry>,
     pub metrics: Arc<ServerMetrics>,
+    pub engine_metrics: Arc<EngineMetrics>,
     pub merged: Option<MergedMode>,
     pub api_key: Option<String>,
     pub admin_key: Option<String>,
@@ -119,6 +120,16 @@ pub fn router(state: Shared) -> Router {
         .with_state(state)
 }
 
+/// The KV budget: as configured, else 90% of the device memory free after loading (the rest
+/// stays for activations and adapters), else (CPU) none.
+fn kv_budget(cfg: &ServeConfig, model: &crate::model::LoadedModel) -> Result<Option<usize>> {
+    if let Some(b) = cfg.kv_cache_bytes {
+        return Ok(Some(usize::try_from(b).unwrap_or(usize::MAX)));
+    }
+    let free = crate::runtime::device::memory_info(model.llama.device())?;
+    Ok(free.map(|(free, _total)| free / 10 * 9))
+}
+
 /// Loads the model and adapters, starts the engine and builds the shared state.
 pub async fn build_state(cfg: &ServeConfig) -> Result<Shared> {
     cfg.validate()?;
@@ -127,8 +138,9 @@ pub async fn build_state(cfg: &ServeConfig) -> Result<Shared> {
     let merges = cfg.merge.clone();
     let adapters_dir = cfg.adapters_dir.clone();
     let nf4 = cfg.quantize.settings(cfg.double_quant)?;
+    let at = crate::runtime::device::placement(cfg.device, cfg.dtype, cfg.quantize)?;
     let (model, merged) = tokio::task::spawn_blocking(move || -> Result<_> {
-        let mut model = crate::model::load(model_spec.as_deref())?;
+        let mut model = crate::model::load_as(model_spec.as_deref(), &at)?;
         // Merge before quantizing: the merged weights are rounded to NF4 once.
         let merged = merge_at_startup(&mut model, &merges, &adapters_dir)?;
         model.quantize(nf4)?;
@@ -145,12 +157,17 @@ pub async fn build_state(cfg: &ServeConfig) -> Result<Shared> {
     }
     let bytes: usize = by_dtype.iter().map(|(_, b)| b).sum();
     metrics.base_bytes.set(bytes as i64);
+    metrics
+        .device_memory
+        .with_label_values(&["weights"])
+        .set(bytes as i64);
     let model = Arc::new(model);
     let adapter_metrics = Arc::new(AdapterMetrics::new(&metrics.registry)?);
     let adapters = Arc::new(AdapterRegistry::new(
         cfg.adapters_dir.clone(),
         cfg.allow_adapter_paths_outside,
         model.llama.cfg.clone(),
+        model.llama.placement(),
         cfg.adapter_cache_bytes,
         adapter_metrics,
     )?);
@@ -169,8 +186,9 @@ pub async fn build_state(cfg: &ServeConfig) -> Result<Shared> {
             max_batch_size: cfg.max_batch_size,
             max_waiting: cfg.max_waiting,
             prefill_chunk: cfg.prefill_chunk,
+            kv_budget_bytes: kv_budget(cfg, &model)?,
         },
-        engine_metrics,
+        engine_metrics.clone(),
     );
     let started = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -181,6 +199,7 @@ pub async fn build_state(cfg: &ServeConfig) -> Result<Shared> {
         model,
         adapters,
         metrics,
+        engine_metrics,
         merged,
         api_key: cfg.api_key.clone().filter(|k| !k.is_empty()),
         admin_key: cfg.admin_key.clone().filter(|k| !k.is_empty()),
@@ -210,7 +229,8 @@ fn merge_at_startup(
             weight: spec.weight,
         });
     }
-    let stack = crate::cli::load_stack(model, &specs)?.context("no adapters to merge")?;
+    let stack =
+        crate::lora::LoraStack::load(&model.llama, &specs)?.context("no adapters to merge")?;
     let requantized = stack.merge_into(&mut model.llama)?;
     if let Some(w) = crate::lora::requantize_warning(requantized) {
         eprintln!("warning: {w}");
@@ -237,7 +257,12 @@ pub async fn serve(cfg: ServeConfig) -> Result<()> {
         ),
     };
     // One machine-readable line (tests and scripts read the port from it).
-    println!("loraplex listening on http://{addr} serving {served}");
+    let placement = state.model.llama.placement();
+    println!(
+        "loraplex listening on http://{addr} serving {served} on {} ({})",
+        crate::runtime::device::describe(&placement.device),
+        format!("{:?}", placement.dtype).to_lowercase()
+    );
     axum::serve(listener, router(state))
         .with_graceful_shutdown(shutdown_signal())
         .await

@@ -66,7 +66,8 @@ pub async fn resolve(state: &AppState, p: &CommonParams) -> Result<Resolved, Api
             members.push((cached.adapter.clone(), a.weight));
         }
         let layers = state.model.llama.cfg.num_hidden_layers;
-        let stack = tokio::task::spawn_blocking(move || LoraStack::new(members, layers))
+        let at = state.model.llama.placement();
+        let stack = tokio::task::spawn_blocking(move || LoraStack::new_on(members, layers, &at))
             .await
             .map_err(|e| ApiError::internal(format!("stack build failed: {e}")))?
             .map_err(|e| ApiError::invalid(Some("adapters"), format!("{e:#}")))?;

@@ -4,7 +4,8 @@
 use super::data::{self, Example, Method, Tokenized};
 use crate::generate::{generate, GenerationParams};
 use crate::lora::LoraStack;
-use crate::model::{llama::log_softmax, LoadedModel, LogitsMode, SeqInput};
+use crate::model::{llama::log_softmax, LoadedModel};
+use crate::runtime::{LogitsMode, SeqInput};
 use anyhow::{Context, Result};
 use std::path::Path;
 use std::sync::Arc;
@@ -29,8 +30,12 @@ fn nll(model: &LoadedModel, t: &Tokenized, lora: &Option<Arc<LoraStack>>) -> Res
         cache: &mut cache,
         lora: lora.clone(),
     }];
-    let lp: Vec<Vec<f32>> =
-        log_softmax(&model.llama.forward(&mut seqs, LogitsMode::All)?)?.to_vec2()?;
+    let lp: Vec<Vec<f32>> = log_softmax(&crate::runtime::forward(
+        &model.llama,
+        &mut seqs,
+        LogitsMode::All,
+    )?)?
+    .to_vec2()?;
     let (mut sum, mut n) = (0f64, 0usize);
     for pos in 1..t.ids.len() {
         if t.mask[pos] {

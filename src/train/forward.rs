@@ -62,7 +62,7 @@ impl TrainBase {
                 .proj
                 .iter()
                 .map(|l| match &l.weight {
-                    LinearWeight::F32(t) => Ok(FrozenWeight::Dense(c(t)?)),
+                    LinearWeight::Dense(t) => Ok(FrozenWeight::Dense(c(t)?)),
                     LinearWeight::Nf4(p) if dtype == DType::F32 => Ok(FrozenWeight::Nf4(p.clone())),
                     LinearWeight::Nf4(_) => {
                         anyhow::bail!("an NF4 base trains in f32 only, not {dtype:?}")

@@ -1,13 +1,23 @@
 //! Helpers shared by the integration tests: fixture paths and the golden file.
 #![allow(dead_code)]
 
+pub mod golden;
 pub mod server;
 
 use serde_json::Value;
 use std::path::PathBuf;
 
+/// The repository root: where the tests were built, or `LORAPLEX_TEST_ROOT` (a test binary
+/// carried to another machine, as the GPU check does).
+pub fn repo_root() -> PathBuf {
+    match std::env::var_os("LORAPLEX_TEST_ROOT") {
+        Some(root) => PathBuf::from(root),
+        None => PathBuf::from(env!("CARGO_MANIFEST_DIR")),
+    }
+}
+
 pub fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+    repo_root().join("tests/fixtures")
 }
 
 pub fn tiny_model() -> PathBuf {
@@ -58,8 +68,12 @@ pub fn argmax(v: &[f32]) -> u32 {
 }
 
 /// Path of the built `loraplex` binary.
+/// (`LORAPLEX_BIN` overrides it for a test binary carried to another machine.)
 pub fn bin() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_loraplex"))
+    match std::env::var_os("LORAPLEX_BIN") {
+        Some(b) => PathBuf::from(b),
+        None => PathBuf::from(env!("CARGO_BIN_EXE_loraplex")),
+    }
 }
 
 /// GPT-2's byte → printable-character table (how byte-level BPE vocabularies spell raw bytes).
@@ -269,6 +283,20 @@ pub fn scaled_adapter(from: &str, dir: &std::path::Path, name: &str, factor: f64
         .collect();
     candle_core::safetensors::save(&scaled, out.join("adapter_model.safetensors")).unwrap();
     out
+}
+
+/// Writes `n` adapters into `dir` (`mix0`, `mix1`, ...): the three fixture adapters in turn,
+/// each with lora_B scaled by its own factor, so every one answers differently. Returns names.
+pub fn many_adapters(dir: &std::path::Path, n: usize) -> Vec<String> {
+    let from = ["all-r8", "attn-r4", "rslora-r16"];
+    (0..n)
+        .map(|i| {
+            let name = format!("mix{i}");
+            let factor = 0.5 + 0.25 * (i / from.len()) as f64;
+            scaled_adapter(from[i % from.len()], dir, &name, factor);
+            name
+        })
+        .collect()
 }
 
 /// Writes an adapter (attn-r4's config) whose q/v lora_A takes `in_features` inputs: a mismatch

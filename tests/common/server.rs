@@ -60,15 +60,25 @@ impl Server {
     /// Runs tests/openai_client.py (the official `openai` package, from `.venv`) against this
     /// server for `base` and `adapter`; asserts it passed and returns what it printed.
     pub fn run_openai_client(&self, base: &str, adapter: &str) -> Value {
-        let root = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-        let python = root.join(".venv/bin/python");
+        self.run_python("openai_client.py", &[base, adapter])
+    }
+
+    /// Runs `tests/SCRIPT URL ARGS...` with the python that has the `openai` package (`.venv`,
+    /// or `LORAPLEX_PYTHON`); asserts it passed and returns the JSON it printed.
+    pub fn run_python(&self, script: &str, args: &[&str]) -> Value {
+        let root = super::repo_root();
+        let python = match std::env::var_os("LORAPLEX_PYTHON") {
+            Some(p) => std::path::PathBuf::from(p),
+            None => root.join(".venv/bin/python"),
+        };
         assert!(
-            python.is_file(),
+            python.exists(),
             "run scripts/test.sh once: it creates .venv with the openai package"
         );
         let out = Command::new(&python)
-            .arg(root.join("tests/openai_client.py"))
-            .args([&self.url, base, adapter])
+            .arg(root.join("tests").join(script))
+            .arg(&self.url)
+            .args(args)
             .output()
             .unwrap();
         assert!(

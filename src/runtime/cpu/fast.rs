@@ -1,22 +1,20 @@
 //! The inference-only forward pass for few rows (decode steps, short prompt chunks).
 //!
-//! Same math as the candle-op path of `Llama::forward`, run on plain `f32` slices of the weights
+//! Same math as the candle-op path (`runtime::reference`), run on plain `f32` slices of the weights
 //! (read in place, no copies) with the kernels of `model::kernels`: per layer, one parallel pass
 //! over q/k/v, one over o, one over gate/up and one over down, each adding its LoRA deltas (per
 //! row group: `t = A x` for the group's rows, then `y += B t` inside the base pass); RMS norm,
 //! RoPE and attention over each sequence's KV cache on slices too. Only the KV cache writes go
 //! through candle ops. Every row is computed the same way whatever batch it is in.
 //!
-//! Nothing here has a backward pass; `Kernels::Candle` keeps the candle-op path for training.
+//! Nothing here has a backward pass; `Kernels::Candle` keeps the candle-op path (training has its own differentiable forward).
 
 use super::kernels::{self, JobWeight, LinearJob, LowRank};
-use super::linear::LinearWeight;
-use super::llama::{Llama, LogitsMode, SeqInput};
-use super::proj::Proj;
-use crate::lora::{LoraPair, LoraStack};
+use crate::lora::LoraPair;
+use crate::model::{LinearWeight, Llama, Proj};
+use crate::runtime::batch::{LogitsMode, RowGroups, SeqInput};
 use candle_core::{DType, Device, Result, Storage, StorageRef, Tensor};
 use rayon::prelude::*;
-use std::sync::Arc;
 
 /// The most rows (new tokens over all sequences) a forward call may have to take this path;
 /// more rows go to candle's gemm, which is faster there.
@@ -44,7 +42,7 @@ pub fn eligible(model: &Llama, seqs: &[SeqInput<'_>], rows: usize) -> bool {
                 .into_iter()
                 .chain(b.proj.iter().flat_map(|p| {
                     let dense = match &p.weight {
-                        LinearWeight::F32(w) => Some(w),
+                        LinearWeight::Dense(w) => Some(w),
                         LinearWeight::Nf4(_) => None,
                     };
                     dense.into_iter().chain(&p.bias)
@@ -111,43 +109,6 @@ impl<'a> View<'a> {
     }
 }
 
-/// Rows grouped by LoRA stack (identity of the `Arc`), as in the candle path.
-struct Groups {
-    /// Each stack with its rows, in batch order.
-    list: Vec<(Arc<LoraStack>, Vec<usize>)>,
-    /// Per row: its group and its position in that group.
-    of_row: Vec<Option<(usize, usize)>>,
-}
-
-impl Groups {
-    fn new(seqs: &[SeqInput<'_>]) -> Self {
-        let mut list: Vec<(Arc<LoraStack>, Vec<usize>)> = Vec::new();
-        let mut of_row = Vec::new();
-        let mut r = 0;
-        for s in seqs {
-            let n = s.tokens.len();
-            match &s.lora {
-                Some(stack) => {
-                    let gi = match list.iter().position(|(st, _)| Arc::ptr_eq(st, stack)) {
-                        Some(gi) => gi,
-                        None => {
-                            list.push((stack.clone(), Vec::new()));
-                            list.len() - 1
-                        }
-                    };
-                    for row in r..r + n {
-                        of_row.push(Some((gi, list[gi].1.len())));
-                        list[gi].1.push(row);
-                    }
-                }
-                None => of_row.extend(std::iter::repeat_n(None, n)),
-            }
-            r += n;
-        }
-        Self { list, of_row }
-    }
-}
-
 /// `x / sqrt(mean(x²) + eps) * alpha` per row, as candle's `rms_norm` computes it.
 fn rms_norm(x: &[f32], alpha: &[f32], eps: f32) -> Vec<f32> {
     let n = alpha.len();
@@ -178,7 +139,7 @@ fn rope_row(v: &mut [f32], hd: usize, cos: &[f32], sin: &[f32]) {
 /// One linear call's inputs: the rows and which projections of which layer to apply.
 struct Projector<'m> {
     model: &'m Llama,
-    groups: &'m Groups,
+    groups: &'m RowGroups,
 }
 
 impl Projector<'_> {
@@ -195,7 +156,7 @@ impl Projector<'_> {
         let w_views = projs
             .iter()
             .map(|p| match &blk.proj[p.index()].weight {
-                LinearWeight::F32(w) => View::new(w).map(Some),
+                LinearWeight::Dense(w) => View::new(w).map(Some),
                 LinearWeight::Nf4(_) => Ok(None),
             })
             .collect::<Result<Vec<_>>>()?;
@@ -263,7 +224,7 @@ impl Projector<'_> {
             let w = match (&w_views[pi], &blk.proj[p.index()].weight) {
                 (Some(v), _) => JobWeight::F32(v.slice()?),
                 (None, LinearWeight::Nf4(packed)) => JobWeight::Nf4(packed),
-                (None, LinearWeight::F32(_)) => candle_core::bail!("fast path: weight not read"),
+                (None, LinearWeight::Dense(_)) => candle_core::bail!("fast path: weight not read"),
             };
             let n = p.in_out(&self.model.cfg).1;
             let mut low_rank = Vec::new();
@@ -459,25 +420,31 @@ fn attention(
 
 /// The forward pass on slices. The caller has validated the tokens and checked `eligible`;
 /// caches are committed only when every layer succeeded.
-pub fn forward(model: &Llama, seqs: &mut [SeqInput<'_>], mode: LogitsMode) -> Result<Tensor> {
+pub fn forward(
+    model: &Llama,
+    seqs: &mut [SeqInput<'_>],
+    mode: LogitsMode,
+    groups: &RowGroups,
+) -> Result<Tensor> {
     if rayon::current_thread_index().is_some() {
-        return forward_on_pool(model, seqs, mode);
+        return forward_on_pool(model, seqs, mode, groups);
     }
     // Run the whole call on one of rayon's threads: its many parallel passes then start from
     // inside the pool instead of each blocking the calling thread and waking it afterwards
     // (measured: 5-10% faster decode on 2 cores).
-    rayon::scope(|_| forward_on_pool(model, seqs, mode))
+    rayon::scope(|_| forward_on_pool(model, seqs, mode, groups))
 }
 
-fn forward_on_pool(model: &Llama, seqs: &mut [SeqInput<'_>], mode: LogitsMode) -> Result<Tensor> {
+fn forward_on_pool(
+    model: &Llama,
+    seqs: &mut [SeqInput<'_>],
+    mode: LogitsMode,
+    groups: &RowGroups,
+) -> Result<Tensor> {
     let cfg = &model.cfg;
     let h = cfg.hidden_size;
     let eps = cfg.rms_norm_eps as f32;
-    let groups = Groups::new(seqs);
-    let lin = Projector {
-        model,
-        groups: &groups,
-    };
+    let lin = Projector { model, groups };
     let m = groups.of_row.len();
     let mut x = Vec::with_capacity(m * h);
     {

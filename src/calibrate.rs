@@ -9,10 +9,9 @@
 //! bitsandbytes NF4 (same codebook, blocks and scales): it loads, serves, merges and saves like
 //! `--quantize nf4`'s, only the codes and scales are chosen for the calibration data.
 
-use super::linear::LinearWeight;
-use super::llama::{Llama, SeqInput};
-use super::proj::Proj;
+use crate::model::{LinearWeight, Llama, Proj};
 use crate::quant::{gptq_nf4, GptqSettings, Hessian};
+use crate::runtime::{block_forward, SeqInput};
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Tensor};
 use std::sync::Arc;
@@ -138,7 +137,7 @@ fn run_block(
             lora: None,
         })
         .collect();
-    Ok(llama.block_forward(l, x, &mut seqs, observe)?)
+    Ok(block_forward(llama, l, x, &mut seqs, observe)?)
 }
 
 /// Rounds block `l`'s seven weights with their input groups' sums.
@@ -154,7 +153,7 @@ fn round_block(
             .find(|(g, _)| *g == input_group(p))
             .context("no calibration inputs were seen")?;
         let lin = &mut llama.blocks[l].proj[p.index()];
-        let LinearWeight::F32(w) = &lin.weight else {
+        let LinearWeight::Dense(w) = &lin.weight else {
             bail!("{} is already quantized", p.name());
         };
         let (rows, cols) = w.dims2()?;

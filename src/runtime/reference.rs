@@ -1,0 +1,241 @@
+//! The candle-op forward path: the oracle for tests, the path of prefill chunks and calibration on
+//! the CPU, and the first GPU path. Built only from candle ops (plus the per-row LoRA op), so it
+//! runs on any device and dtype; training differentiates the same math in `train::forward`.
+//!
+//! The linear layers run over all rows of the call at once. LoRA deltas: on the CPU each group of
+//! rows that shares a stack gets `(x A^T) B^T` by gather/scatter (nothing to gather when one group
+//! holds every row); on other devices every group is applied in one per-row launch pair per
+//! projection (`runtime::lora_rows`). Attention runs per sequence on its own cache, softmax in f32.
+
+use super::batch::{LogitsMode, RowGroups, SeqInput};
+use super::lora_rows::{apply_lora_rows, LoraSetRef};
+use crate::lora::LoraStack;
+use crate::model::{Llama, Proj};
+use candle_core::{DType, Device, Result, Tensor};
+use std::sync::Arc;
+
+/// Sees the input of each projection group during `block_forward` (calibration).
+pub type InputObserver<'a> = dyn FnMut(Proj, &Tensor) -> Result<()> + 'a;
+
+/// How one call's LoRA deltas are applied.
+enum LoraRows {
+    /// No row has an adapter.
+    None,
+    /// Per group: its stack and the index of its rows (`None`: the group is the whole batch).
+    Gather(Vec<(Arc<LoraStack>, Option<Tensor>)>),
+    /// Every group in one per-row launch: the stacks and each row's group (`u32::MAX`: none).
+    PerRow(Vec<Arc<LoraStack>>, Vec<u32>),
+}
+
+impl LoraRows {
+    fn new(groups: &RowGroups, device: &Device) -> Result<Self> {
+        if groups.list.is_empty() {
+            return Ok(Self::None);
+        }
+        if !device.is_cpu() {
+            let stacks = groups.list.iter().map(|(s, _)| s.clone()).collect();
+            return Ok(Self::PerRow(stacks, groups.row_sets()));
+        }
+        if groups.one_group_for_all() {
+            return Ok(Self::Gather(vec![(groups.list[0].0.clone(), None)]));
+        }
+        let list = groups
+            .list
+            .iter()
+            .map(|(stack, rows)| {
+                let rows: Vec<u32> = rows.iter().map(|&r| r as u32).collect();
+                let n = rows.len();
+                Ok((stack.clone(), Some(Tensor::from_vec(rows, n, device)?)))
+            })
+            .collect::<Result<_>>()?;
+        Ok(Self::Gather(list))
+    }
+}
+
+/// Runs one batched forward call on candle ops. The caller has validated the tokens; caches
+/// are committed only when every layer succeeded.
+pub fn forward(
+    model: &Llama,
+    seqs: &mut [SeqInput<'_>],
+    mode: LogitsMode,
+    groups: &RowGroups,
+) -> Result<Tensor> {
+    let device = model.device();
+    let lora = LoraRows::new(groups, device)?;
+    let ids: Vec<u32> = seqs.iter().flat_map(|s| s.tokens.iter().copied()).collect();
+    let n = ids.len();
+    let ids = Tensor::from_vec(ids, n, device)?;
+    let mut x = model.embed.index_select(&ids, 0)?;
+    for l in 0..model.blocks.len() {
+        x = block(model, l, &x, seqs, &lora, None)?;
+    }
+    for s in seqs.iter_mut() {
+        s.cache.commit();
+    }
+    let x = match mode {
+        LogitsMode::All => x,
+        LogitsMode::Last => {
+            let mut last = Vec::with_capacity(seqs.len());
+            let mut r = 0u32;
+            for s in seqs.iter() {
+                r += s.tokens.len() as u32;
+                last.push(r - 1);
+            }
+            let n = last.len();
+            x.index_select(&Tensor::from_vec(last, n, device)?, 0)?
+        }
+    };
+    let x = candle_nn::ops::rms_norm(&x, &model.norm, model.cfg.rms_norm_eps as f32)?;
+    x.matmul(&model.lm_head.t()?)?.to_dtype(DType::F32)
+}
+
+/// Runs decoder block `layer` alone on hidden states `x` (`[rows, hidden]`, the rows of `seqs`
+/// one after another; each cache's layer `layer` grows and nothing is committed), without LoRA.
+/// `observe` sees the input of each projection group as it is computed (`Proj::Q` for q/k/v,
+/// `O`, `Gate` for gate/up, `Down`): what calibration collects.
+pub fn block_forward(
+    model: &Llama,
+    layer: usize,
+    x: &Tensor,
+    seqs: &mut [SeqInput<'_>],
+    observe: &mut InputObserver<'_>,
+) -> Result<Tensor> {
+    if layer >= model.blocks.len() {
+        candle_core::bail!(
+            "layer {layer} is outside the model's {}",
+            model.blocks.len()
+        );
+    }
+    block(model, layer, x, seqs, &LoraRows::None, Some(observe))
+}
+
+/// One decoder block: attention per sequence on its cache, then the MLP.
+fn block(
+    model: &Llama,
+    l: usize,
+    x: &Tensor,
+    seqs: &mut [SeqInput<'_>],
+    lora: &LoraRows,
+    mut observe: Option<&mut InputObserver<'_>>,
+) -> Result<Tensor> {
+    let cfg = &model.cfg;
+    let blk = &model.blocks[l];
+    let (nh, nkv, hd) = (
+        cfg.num_attention_heads,
+        cfg.num_key_value_heads,
+        cfg.head_dim,
+    );
+    let mut seen = |p: Proj, t: &Tensor| -> Result<()> {
+        match observe.as_mut() {
+            Some(f) => f(p, t),
+            None => Ok(()),
+        }
+    };
+    let group = cfg.gqa_group();
+    let scale = 1.0 / (hd as f64).sqrt();
+    let eps = cfg.rms_norm_eps as f32;
+    let dtype = x.dtype();
+    let h = candle_nn::ops::rms_norm(x, &blk.attn_norm, eps)?;
+    seen(Proj::Q, &h)?;
+    let q = linear(model, &h, l, Proj::Q, lora)?;
+    let k = linear(model, &h, l, Proj::K, lora)?;
+    let v = linear(model, &h, l, Proj::V, lora)?;
+    let mut outs = Vec::with_capacity(seqs.len());
+    let mut r0 = 0;
+    for s in seqs.iter_mut() {
+        let len = s.tokens.len();
+        let off = s.cache.len();
+        let heads = |t: &Tensor, n: usize| -> Result<Tensor> {
+            t.narrow(0, r0, len)?
+                .reshape((len, n, hd))?
+                .transpose(0, 1)?
+                .contiguous()
+        };
+        let qs = model.rope().apply(&heads(&q, nh)?, off, false)?;
+        let ks = model.rope().apply(&heads(&k, nkv)?, off, false)?;
+        let vs = heads(&v, nkv)?;
+        let (k_all, v_all) = s.cache.append(l, &ks, &vs)?;
+        let t = off + len;
+        // Query heads h = kv * group + g share kv head `kv`: fold the group into rows.
+        let qg = qs.reshape((nkv, group * len, hd))?;
+        let mut att = (qg.matmul(&k_all.t()?)?.to_dtype(DType::F32)? * scale)?;
+        if len > 1 {
+            let mask: Vec<f32> = (0..len)
+                .flat_map(|i| {
+                    (0..t).map(move |j| if j > off + i { f32::NEG_INFINITY } else { 0.0 })
+                })
+                .collect();
+            let mask = Tensor::from_vec(mask, (len, t), model.device())?;
+            att = att
+                .reshape((nkv, group, len, t))?
+                .broadcast_add(&mask)?
+                .reshape((nkv, group * len, t))?;
+        }
+        let att = candle_nn::ops::softmax_last_dim(&att)?.to_dtype(dtype)?;
+        let o = att.matmul(&v_all.contiguous()?)?;
+        outs.push(
+            o.reshape((nh, len, hd))?
+                .transpose(0, 1)?
+                .reshape((len, nh * hd))?,
+        );
+        r0 += len;
+    }
+    let attn = Tensor::cat(&outs, 0)?;
+    seen(Proj::O, &attn)?;
+    let x = (x + linear(model, &attn, l, Proj::O, lora)?)?;
+    let h = candle_nn::ops::rms_norm(&x, &blk.mlp_norm, eps)?;
+    seen(Proj::Gate, &h)?;
+    let gate = linear(model, &h, l, Proj::Gate, lora)?;
+    let up = linear(model, &h, l, Proj::Up, lora)?;
+    let act = (gate.silu()? * up)?;
+    seen(Proj::Down, &act)?;
+    x + linear(model, &act, l, Proj::Down, lora)?
+}
+
+/// A projection over all rows plus the LoRA deltas of the rows that have one.
+fn linear(model: &Llama, x: &Tensor, layer: usize, proj: Proj, lora: &LoraRows) -> Result<Tensor> {
+    let mut y = model.blocks[layer].proj[proj.index()].forward(x)?;
+    match lora {
+        LoraRows::None => {}
+        LoraRows::Gather(groups) => {
+            for (stack, rows) in groups {
+                let Some(pair) = stack.pair(layer, proj) else {
+                    continue;
+                };
+                y = match rows {
+                    None => (y + pair.delta(x)?)?,
+                    Some(rows) => {
+                        let delta = pair.delta(&x.index_select(rows, 0)?)?;
+                        y.index_add(rows, &delta, 0)?
+                    }
+                };
+            }
+        }
+        LoraRows::PerRow(stacks, row_sets) => {
+            // Stacks without a pair for this projection drop out; the rest are renumbered.
+            let mut sets = Vec::with_capacity(stacks.len());
+            let mut bts = Vec::with_capacity(stacks.len());
+            let mut renumber = vec![u32::MAX; stacks.len()];
+            for (i, stack) in stacks.iter().enumerate() {
+                if let Some(pair) = stack.pair(layer, proj) {
+                    renumber[i] = sets.len() as u32;
+                    sets.push(&pair.a);
+                    bts.push(pair.b.t()?);
+                }
+            }
+            if !sets.is_empty() {
+                let refs: Vec<LoraSetRef<'_>> = sets
+                    .iter()
+                    .zip(&bts)
+                    .map(|(a, bt)| LoraSetRef { a, bt })
+                    .collect();
+                let rows: Vec<u32> = row_sets
+                    .iter()
+                    .map(|&s| renumber.get(s as usize).copied().unwrap_or(u32::MAX))
+                    .collect();
+                y = apply_lora_rows(x, &y, &refs, &rows)?;
+            }
+        }
+    }
+    Ok(y)
+}

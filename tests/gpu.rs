@@ -1,0 +1,183 @@
+//! The GPU check (built with `--features cuda`; run by `scripts/gpu-check.sh` on the GPU machine,
+//! where a missing GPU is a failure): the HF+PEFT goldens on the GPU in f32 and bf16, greedy
+//! ids of a SmolLM2-shape model on the GPU against the CPU (base, adapter, stack, merge), the
+//! per-row LoRA kernels against their CPU reference, and refusals of what cannot fit.
+//! Each test prints one `GPUCHECK name: figures` line that the script collects into its table.
+#![cfg(feature = "cuda")]
+
+mod common;
+
+use candle_core::{DType, Device};
+use common::golden::*;
+use common::*;
+use loraplex::lora::{synthetic::write_synthetic_adapter, LoraAdapter, LoraStack};
+use loraplex::model::{self, LoadedModel, Placement, Proj};
+use loraplex::runtime::lora_rows::check_against_reference;
+use std::sync::Arc;
+
+fn gpu() -> Device {
+    // Golden exactness needs full f32 products (no TF32).
+    candle_core::cuda::set_gemm_reduced_precision_f32(false);
+    Device::new_cuda(0).expect("a CUDA GPU: this suite runs on the GPU machine")
+}
+
+fn tiny_on(dtype: DType) -> LoadedModel {
+    let at = Placement {
+        device: gpu(),
+        dtype,
+    };
+    model::load_path_as(&tiny_model(), &at).unwrap()
+}
+
+#[test]
+fn goldens_in_f32_on_the_gpu() {
+    let m = tiny_on(DType::F32);
+    let cases = check_all_cases(&m, 1e-4);
+    check_generation(&m);
+    check_mixed_batch(&m, 1e-4);
+    let merged = check_merged(tiny_on(DType::F32), 1e-4);
+    println!("GPUCHECK goldens f32: max |logit diff| {cases:.2e} (cases), {merged:.2e} (merged); argmax, greedy and mixed batch identical");
+}
+
+#[test]
+fn goldens_in_bf16_on_the_gpu() {
+    let m = tiny_on(DType::BF16);
+    let cases = check_all_cases(&m, 5e-2);
+    let merged = check_merged(tiny_on(DType::BF16), 5e-2);
+    println!("GPUCHECK goldens bf16: max |logit diff| {cases:.2e} (cases), {merged:.2e} (merged); argmax identical at every position");
+}
+
+/// Greedy ids of a SmolLM2-shape model (seeded random weights, drawn on the host so both
+/// devices hold the same bits) for the base, an adapter, a stack and a merge.
+fn smol_greedy(at: &Placement, dir: &std::path::Path) -> Vec<Vec<u32>> {
+    let m = model::load_as(Some("dummy:smollm2-135m"), at).unwrap();
+    let prompt = model::dummy::prompt_ids(&m.llama.cfg, 24, 7);
+    let load =
+        |name: &str| Arc::new(LoraAdapter::load(name, &dir.join(name), &m.llama.cfg).unwrap());
+    let layers = m.llama.cfg.num_hidden_layers;
+    let one = Arc::new(LoraStack::new_on(vec![(load("a"), 1.0)], layers, at).unwrap());
+    let two =
+        Arc::new(LoraStack::new_on(vec![(load("a"), 0.7), (load("b"), 0.5)], layers, at).unwrap());
+    let mut out = vec![
+        greedy(&m, &prompt, None, 32),
+        greedy(&m, &prompt, Some(one.clone()), 32),
+        greedy(&m, &prompt, Some(two), 32),
+    ];
+    let mut merged = m;
+    one.merge_into(&mut merged.llama).unwrap();
+    out.push(greedy(&merged, &prompt, None, 32));
+    out
+}
+
+#[test]
+fn smollm2_shape_greedy_ids_on_the_gpu_equal_the_cpu() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = model::dummy::config("smollm2-135m").unwrap();
+    write_synthetic_adapter(&dir.path().join("a"), &cfg, 8, &Proj::ALL, 0.3, 0.02).unwrap();
+    write_synthetic_adapter(
+        &dir.path().join("b"),
+        &cfg,
+        16,
+        &[Proj::Q, Proj::V],
+        0.7,
+        0.02,
+    )
+    .unwrap();
+    let cpu = smol_greedy(&Placement::cpu(), dir.path());
+    let gpu_ids = smol_greedy(
+        &Placement {
+            device: gpu(),
+            dtype: DType::F32,
+        },
+        dir.path(),
+    );
+    for (i, label) in ["base", "adapter", "stack", "merged"].iter().enumerate() {
+        assert_eq!(
+            gpu_ids[i], cpu[i],
+            "{label}: GPU greedy ids differ from the CPU"
+        );
+    }
+    println!("GPUCHECK smollm2-shape f32: 32 greedy ids identical to the CPU for base, adapter, stack, merge");
+}
+
+#[test]
+fn lora_kernels_match_their_cpu_reference() {
+    let dev = gpu();
+    let mut line = String::new();
+    for (dtype, tol) in [
+        (DType::F32, 1e-4f32),
+        (DType::BF16, 2e-2),
+        (DType::F16, 5e-3),
+    ] {
+        let mut worst = 0f32;
+        for seed in 0..3 {
+            let e = check_against_reference(&dev, dtype, seed).unwrap();
+            assert!(e <= tol, "{dtype:?} seed {seed}: max relative error {e}");
+            worst = worst.max(e);
+        }
+        line.push_str(&format!(" {dtype:?} {worst:.1e};"));
+    }
+    println!("GPUCHECK lora kernels (64 rows, 40 sets, ranks 1-256 mixed) max rel err:{line}");
+}
+
+#[test]
+fn a_model_that_does_not_fit_is_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("huge.json");
+    // ~1.2 T parameters: no GPU holds it.
+    std::fs::write(
+        &cfg,
+        r#"{"model_type": "llama", "vocab_size": 128256, "hidden_size": 32768,
+            "intermediate_size": 131072, "num_hidden_layers": 96, "num_attention_heads": 256,
+            "num_key_value_heads": 8, "rms_norm_eps": 1e-5, "rope_theta": 500000.0,
+            "max_position_embeddings": 4096}"#,
+    )
+    .unwrap();
+    let at = Placement {
+        device: gpu(),
+        dtype: DType::BF16,
+    };
+    let spec = format!("dummy:{}", cfg.display());
+    let err = match model::load_as(Some(&spec), &at) {
+        Ok(_) => panic!("a 1.2T-parameter model was loaded"),
+        Err(e) => format!("{e:#}"),
+    };
+    assert!(err.to_lowercase().contains("memory"), "{err}");
+    // The device is still usable afterwards.
+    let m = tiny_on(DType::F32);
+    check_generation(&m);
+    println!(
+        "GPUCHECK oversized model refused: {}",
+        err.lines().next().unwrap_or("")
+    );
+}
+
+#[test]
+fn server_on_the_gpu_answers_concurrent_adapters_as_alone_and_keeps_its_kv_budget() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("tiny.gguf");
+    write_tiny_gguf_with(&model, "smollm", true, Some(TINY_CHAT_TEMPLATE));
+    let adapters = dir.path().join("adapters");
+    let names = many_adapters(&adapters, 16);
+    let server = common::server::Server::start(&[
+        "--model",
+        model.to_str().unwrap(),
+        "--adapters-dir",
+        adapters.to_str().unwrap(),
+        "--device",
+        "cuda",
+        "--dtype",
+        "f32",
+        "--max-batch-size",
+        "32",
+    ]);
+    let seen = server.run_python("openai_concurrent.py", &["tiny", &names.join(","), "32"]);
+    assert_eq!(seen["equal"], true, "{seen}");
+    let weights = server.metric("loraplex_device_memory_bytes{kind=\"weights\"}");
+    let cached = server.metric("loraplex_device_memory_bytes{kind=\"adapters\"}");
+    assert!(weights > 0.0 && cached > 0.0, "{weights} {cached}");
+    println!(
+        "GPUCHECK server (cuda, f32, openai client): 32 concurrent requests over 16 adapters, a stack and the base equal alone in {} s; device bytes: weights {weights}, adapters {cached}",
+        seen["concurrent_seconds"]
+    );
+}
