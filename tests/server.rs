@@ -249,6 +249,11 @@ fn bad_input_gets_openai_errors_and_the_server_keeps_serving() {
         "not an object",
     );
     assert_error(&chat(json!({"temperature": "hot"})), 400, "wrong type");
+    assert_error(
+        &chat(json!({"max_tokens": i64::MAX})),
+        400,
+        "max_tokens that overflows prompt + max_tokens",
+    );
     assert_error(&chat(json!({"messages": "hi"})), 400, "messages not a list");
     assert_error(&chat(json!({"model": "nope"})), 404, "unknown adapter");
     assert_eq!(

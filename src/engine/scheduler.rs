@@ -220,7 +220,8 @@ fn step(
         return;
     }
     metrics.batch_size.observe(plan.len() as f64);
-    let logits = {
+    // One result per planned sequence: its last row's logits, or why its forward failed.
+    let rows: Vec<Result<Tensor, String>> = {
         let mut slots: Vec<Option<&mut Running>> = running.iter_mut().map(Some).collect();
         let mut seqs: Vec<SeqInput> = Vec::with_capacity(plan.len());
         for (i, toks, _) in &plan {
@@ -233,61 +234,56 @@ fn step(
         }
         // Calls of at most the backend's row budget (on the CPU: the fast few-row path,
         // bit-identical per row whatever the batch); a bigger prompt chunk goes alone.
-        let mut parts = Vec::new();
+        let mut rows = Vec::with_capacity(seqs.len());
         let mut start = 0;
-        let mut failed = None;
         while start < seqs.len() {
-            let (mut end, mut rows) = (start, 0);
-            while end < seqs.len() && (end == start || rows + seqs[end].tokens.len() <= row_budget)
-            {
-                rows += seqs[end].tokens.len();
+            let (mut end, mut n) = (start, 0);
+            while end < seqs.len() && (end == start || n + seqs[end].tokens.len() <= row_budget) {
+                n += seqs[end].tokens.len();
                 end += 1;
             }
-            match crate::runtime::forward(&model.llama, &mut seqs[start..end], LogitsMode::Last) {
-                Ok(l) => parts.push(l),
+            let forward = |part: &mut [SeqInput<'_>]| {
+                crate::runtime::forward(&model.llama, part, LogitsMode::Last)
+            };
+            match forward(&mut seqs[start..end]) {
+                Ok(l) => rows.extend((0..end - start).map(|j| l.get(j).map_err(|e| e.to_string()))),
+                Err(e) if end - start == 1 => rows.push(Err(e.to_string())),
                 Err(e) => {
-                    failed = Some(e);
-                    break;
+                    // No cache advanced: run each sequence alone, so that one sequence's error
+                    // (a token outside the context, device memory) fails that sequence only.
+                    tracing::warn!("batched forward failed ({e}); retrying its sequences alone");
+                    for j in start..end {
+                        let alone = forward(&mut seqs[j..j + 1]).and_then(|l| l.get(0));
+                        rows.push(alone.map_err(|e| e.to_string()));
+                    }
                 }
             }
             start = end;
         }
-        match failed {
-            Some(e) => Err(e),
-            None => Tensor::cat(&parts, 0),
-        }
+        rows
     };
-    let logits = match logits {
-        Ok(l) => l,
-        Err(e) => {
-            tracing::error!("forward step failed: {e}");
-            for (i, _, _) in &plan {
-                let _ = running[*i]
+    let mut finished = vec![false; running.len()];
+    for ((i, toks, completes), row) in plan.iter().zip(&rows) {
+        let r = &mut running[*i];
+        let logits = match row {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::error!("forward failed for one sequence: {e}");
+                let _ = r
                     .sub
                     .events
                     .send(EngineEvent::Error(format!("inference failed: {e}")));
+                finished[*i] = true;
+                continue;
             }
-            let mut failed = vec![false; running.len()];
-            for (i, _, _) in &plan {
-                failed[*i] = true;
-            }
-            retire(running, &failed);
-            return;
-        }
-    };
-    let mut finished = vec![false; running.len()];
-    for (row, (i, toks, completes)) in plan.iter().enumerate() {
-        let r = &mut running[*i];
+        };
         if r.next.is_none() {
             r.prefilled += toks.len();
         }
         if !completes {
             continue;
         }
-        let out = logits
-            .get(row)
-            .map_err(anyhow::Error::from)
-            .and_then(|l| r.state.step(&l));
+        let out = r.state.step(logits);
         let now = Instant::now();
         match out {
             Ok(out) => {

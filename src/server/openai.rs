@@ -157,7 +157,8 @@ impl CommonParams {
             Some(m) if m <= 0 => {
                 return Err(ApiError::invalid(Some("max_tokens"), format!("max_tokens must be at least 1 (got {m})")))
             }
-            Some(m) if prompt_len as i64 + m > ctx as i64 => {
+            // Compared without adding, so that no max_tokens can overflow past the check.
+            Some(m) if m > ctx.saturating_sub(prompt_len) as i64 => {
                 return Err(ApiError::invalid(
                     Some("max_tokens"),
                     format!(
