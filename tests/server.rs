@@ -381,21 +381,60 @@ fn api_keys_protect_v1_and_admin_routes() {
         200
     );
     assert_eq!(server.get("/health").0, 200, "health stays open");
+    // The scheme is case-insensitive; a 401 names the scheme it wants.
+    let raw = |auth: &str| {
+        ureq::post(&format!("{}/v1/completions", server.url))
+            .set("Authorization", auth)
+            .send_string(&body.to_string())
+    };
+    for auth in ["bearer user-key", "BEARER  user-key"] {
+        assert_eq!(raw(auth).map(|r| r.status()).ok(), Some(200), "{auth}");
+    }
+    match raw("Basic user-key") {
+        Err(ureq::Error::Status(401, r)) => {
+            assert_eq!(r.header("WWW-Authenticate"), Some("Bearer"))
+        }
+        other => panic!("Basic scheme: {:?}", other.map(|r| r.status())),
+    }
 }
 
 #[test]
 fn adapter_admin_register_replace_list_delete_and_vllm_routes() {
     let f = fixture();
+    // A folder named as the base is not registered at start-up (it could never be reached).
+    copy_dir(&tiny_adapter("attn-r4"), &f.adapters.join(BASE));
     let server = f.serve(&[]);
     let (code, list) = server.get("/v1/adapters");
     assert_eq!(code, 200);
     let list: Value = serde_json::from_str(&list).unwrap();
+    assert!(
+        list["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|a| a["name"] != BASE),
+        "{list}"
+    );
     assert!(list["data"]
         .as_array()
         .unwrap()
         .iter()
         .all(|a| a["state"] == "on-disk"));
     let prompt = [1u32, 15, 72, 101, 200];
+    // Not under the base model's name (it could never be reached), on either route.
+    assert_error(
+        &server.post("/v1/adapters", &json!({"name": BASE, "path": "attn-r4"})),
+        400,
+        "adapter named as the base",
+    );
+    assert_error(
+        &server.post(
+            "/v1/load_lora_adapter",
+            &json!({"lora_name": BASE, "lora_path": "attn-r4"}),
+        ),
+        400,
+        "vLLM route, adapter named as the base",
+    );
     // Register attn-r4 under a new name: same output as attn-r4.
     let (code, s) = server.post("/v1/adapters", &json!({"name": "legal", "path": "attn-r4"}));
     assert_eq!(code, 200, "{s}");

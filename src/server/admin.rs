@@ -55,6 +55,18 @@ fn merged_refusal(state: &Shared) -> Result<(), ApiError> {
     }
 }
 
+/// An adapter under the base model's name could never be reached (`"model": NAME` means the
+/// base): refused.
+fn not_the_base_name(state: &Shared, name: &str) -> Result<(), ApiError> {
+    match name == state.base_id() {
+        true => Err(ApiError::invalid(
+            Some("name"),
+            format!("`{name}` is the base model's name; register the adapter under another name"),
+        )),
+        false => Ok(()),
+    }
+}
+
 /// `POST /v1/adapters {name, path}`: register (or replace) and load an adapter.
 pub async fn register_adapter(
     State(state): State<Shared>,
@@ -62,6 +74,7 @@ pub async fn register_adapter(
 ) -> Result<Response, ApiError> {
     merged_refusal(&state)?;
     let b: RegisterBody = parse_body(&body)?;
+    not_the_base_name(&state, &b.name)?;
     let summary = state.adapters.register(&b.name, &b.path).await?;
     tracing::info!(adapter = %b.name, path = %summary.path.display(), "adapter registered");
     Ok(Json(summary).into_response())
@@ -96,6 +109,7 @@ struct VllmUnload {
 pub async fn vllm_load(State(state): State<Shared>, body: Bytes) -> Result<Response, ApiError> {
     merged_refusal(&state)?;
     let b: VllmLoad = parse_body(&body)?;
+    not_the_base_name(&state, &b.lora_name)?;
     state.adapters.register(&b.lora_name, &b.lora_path).await?;
     Ok(format!(
         "Success: LoRA adapter '{}' added successfully.",

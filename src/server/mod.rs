@@ -59,13 +59,17 @@ impl AppState {
 
 type Shared = Arc<AppState>;
 
+/// The credentials of an `Authorization: Bearer KEY` header (the scheme is case-insensitive,
+/// RFC 9110 §11.1).
 fn bearer(req: &Request) -> Option<&str> {
-    req.headers()
+    let value = req
+        .headers()
         .get(axum::http::header::AUTHORIZATION)?
         .to_str()
         .ok()?
-        .strip_prefix("Bearer ")
-        .map(str::trim)
+        .trim();
+    let (scheme, key) = value.split_once(char::is_whitespace)?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| key.trim())
 }
 
 /// API keys: every `/v1` route needs `api_key`; adapter admin routes need `admin_key` (or
@@ -171,7 +175,14 @@ pub async fn build_state(cfg: &ServeConfig) -> Result<Shared> {
         cfg.adapter_cache_bytes,
         adapter_metrics,
     )?);
-    let n = adapters.scan()?;
+    let mut n = adapters.scan()?;
+    if adapters.remove(&model.id).await.is_ok() {
+        n -= 1;
+        tracing::warn!(
+            "adapter folder `{}` has the base model's name and cannot be served; rename it",
+            model.id
+        );
+    }
     tracing::info!("{n} adapters registered from {}", adapters.dir().display());
     for name in &cfg.preload {
         adapters
