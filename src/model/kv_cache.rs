@@ -67,6 +67,25 @@ impl KvCache {
         let (heads, new, dim) = k.dims3()?;
         let start = self.len;
         let end = start + new;
+        let (kb, vb) = self.reserve(layer, end, (heads, dim), k.dtype(), k.device())?;
+        kb.slice_set(&k.contiguous()?, 1, start)?;
+        vb.slice_set(&v.contiguous()?, 1, start)?;
+        Ok((kb.narrow(1, 0, end)?, vb.narrow(1, 0, end)?))
+    }
+
+    /// The buffers of `layer` (`[kv_heads, capacity, head_dim]` each, contiguous), grown so
+    /// that positions `..end` fit (the history before `len()` is kept), for a caller that writes
+    /// positions `len()..end` itself (batched decode); those become pending, as `append` makes
+    /// them.
+    pub fn reserve(
+        &mut self,
+        layer: usize,
+        end: usize,
+        (heads, dim): (usize, usize),
+        dtype: DType,
+        device: &Device,
+    ) -> Result<(Tensor, Tensor)> {
+        let start = self.len;
         if end > self.max_len {
             candle_core::bail!(
                 "sequence of {end} positions exceeds the context length {}",
@@ -76,7 +95,7 @@ impl KvCache {
         let Some(slot) = self.layers.get_mut(layer) else {
             candle_core::bail!("kv cache has no layer {layer}");
         };
-        let grow = |buf: &Option<Tensor>, device: &Device, dtype: DType| -> Result<Tensor> {
+        let grow = |buf: &Option<Tensor>| -> Result<Tensor> {
             let cap = buf.as_ref().map(|b| b.dims()[1]).unwrap_or(0);
             match buf {
                 Some(b) if cap >= end => Ok(b.clone()),
@@ -92,15 +111,12 @@ impl KvCache {
                 }
             }
         };
-        let kb = grow(&slot.k, k.device(), k.dtype())?;
-        let vb = grow(&slot.v, v.device(), v.dtype())?;
-        kb.slice_set(&k.contiguous()?, 1, start)?;
-        vb.slice_set(&v.contiguous()?, 1, start)?;
-        let out = (kb.narrow(1, 0, end)?, vb.narrow(1, 0, end)?);
-        slot.k = Some(kb);
-        slot.v = Some(vb);
+        let kb = grow(&slot.k)?;
+        let vb = grow(&slot.v)?;
+        slot.k = Some(kb.clone());
+        slot.v = Some(vb.clone());
         self.pending = end;
-        Ok(out)
+        Ok((kb, vb))
     }
 
     /// Makes the positions written by the last forward part of the history.

@@ -73,6 +73,17 @@ impl Rope {
         (&self.cos, &self.sin)
     }
 
+    /// Rotates single-token rows `x` (`[rows, heads, head_dim]`), row `r` at `positions[r]`
+    /// (a batched decode step: each sequence at its own position).
+    pub fn apply_rows(&self, x: &Tensor, positions: &[usize]) -> Result<Tensor> {
+        let idx: Vec<u32> = positions.iter().map(|&p| p as u32).collect();
+        let idx = Tensor::from_vec(idx, positions.len(), x.device())?;
+        let cos = self.cos.index_select(&idx, 0)?.to_dtype(x.dtype())?;
+        let sin = self.sin.index_select(&idx, 0)?.to_dtype(x.dtype())?;
+        // As one sequence of `rows` positions, heads inside (the thd layout).
+        candle_nn::rotary_emb::rope_thd(&x.unsqueeze(0)?.contiguous()?, &cos, &sin)?.squeeze(0)
+    }
+
     /// Rotates `x` (`[heads, len, head_dim]`) whose rows sit at positions `offset..offset+len`.
     /// `differentiable` selects the composed ops that have a backward pass (training) instead of
     /// candle's fused kernel (inference).

@@ -12,6 +12,7 @@
 
 pub mod batch;
 pub mod cpu;
+pub mod decode_attention;
 pub mod device;
 pub mod lora_rows;
 pub mod reference;

@@ -8,6 +8,7 @@
 //! projection (`runtime::lora_rows`). Attention runs per sequence on its own cache, softmax in f32.
 
 use super::batch::{LogitsMode, RowGroups, SeqInput};
+use super::decode_attention::{append_kv_rows, decode_attention, KvBuffers};
 use super::lora_rows::{apply_lora_rows, LoraSetRef};
 use crate::lora::LoraStack;
 use crate::model::{Llama, Proj};
@@ -120,67 +121,22 @@ fn block(
 ) -> Result<Tensor> {
     let cfg = &model.cfg;
     let blk = &model.blocks[l];
-    let (nh, nkv, hd) = (
-        cfg.num_attention_heads,
-        cfg.num_key_value_heads,
-        cfg.head_dim,
-    );
     let mut seen = |p: Proj, t: &Tensor| -> Result<()> {
         match observe.as_mut() {
             Some(f) => f(p, t),
             None => Ok(()),
         }
     };
-    let group = cfg.gqa_group();
-    let scale = 1.0 / (hd as f64).sqrt();
     let eps = cfg.rms_norm_eps as f32;
-    let dtype = x.dtype();
     let h = candle_nn::ops::rms_norm(x, &blk.attn_norm, eps)?;
     seen(Proj::Q, &h)?;
     let q = linear(model, &h, l, Proj::Q, lora)?;
     let k = linear(model, &h, l, Proj::K, lora)?;
     let v = linear(model, &h, l, Proj::V, lora)?;
-    let mut outs = Vec::with_capacity(seqs.len());
-    let mut r0 = 0;
-    for s in seqs.iter_mut() {
-        let len = s.tokens.len();
-        let off = s.cache.len();
-        let heads = |t: &Tensor, n: usize| -> Result<Tensor> {
-            t.narrow(0, r0, len)?
-                .reshape((len, n, hd))?
-                .transpose(0, 1)?
-                .contiguous()
-        };
-        let qs = model.rope().apply(&heads(&q, nh)?, off, false)?;
-        let ks = model.rope().apply(&heads(&k, nkv)?, off, false)?;
-        let vs = heads(&v, nkv)?;
-        let (k_all, v_all) = s.cache.append(l, &ks, &vs)?;
-        let t = off + len;
-        // Query heads h = kv * group + g share kv head `kv`: fold the group into rows.
-        let qg = qs.reshape((nkv, group * len, hd))?;
-        let mut att = (qg.matmul(&k_all.t()?)?.to_dtype(DType::F32)? * scale)?;
-        if len > 1 {
-            let mask: Vec<f32> = (0..len)
-                .flat_map(|i| {
-                    (0..t).map(move |j| if j > off + i { f32::NEG_INFINITY } else { 0.0 })
-                })
-                .collect();
-            let mask = Tensor::from_vec(mask, (len, t), model.device())?;
-            att = att
-                .reshape((nkv, group, len, t))?
-                .broadcast_add(&mask)?
-                .reshape((nkv, group * len, t))?;
-        }
-        let att = candle_nn::ops::softmax_last_dim(&att)?.to_dtype(dtype)?;
-        let o = att.matmul(&v_all.contiguous()?)?;
-        outs.push(
-            o.reshape((nh, len, hd))?
-                .transpose(0, 1)?
-                .reshape((len, nh * hd))?,
-        );
-        r0 += len;
-    }
-    let attn = Tensor::cat(&outs, 0)?;
+    let attn = match seqs.iter().all(|s| s.tokens.len() == 1) {
+        true => attend_decode(model, l, &q, &k, &v, seqs)?,
+        false => attend_each(model, l, &q, &k, &v, seqs)?,
+    };
     seen(Proj::O, &attn)?;
     let x = (x + linear(model, &attn, l, Proj::O, lora)?)?;
     let h = candle_nn::ops::rms_norm(&x, &blk.mlp_norm, eps)?;
@@ -238,4 +194,101 @@ fn linear(model: &Llama, x: &Tensor, layer: usize, proj: Proj, lora: &LoraRows) 
         }
     }
     Ok(y)
+}
+
+/// Attention for a decode step (one new token per sequence), batched: RoPE at each row's own
+/// position, the new keys/values written into every sequence's cache in one op, and one
+/// attention op over each row's own history (`runtime::decode_attention`).
+fn attend_decode(
+    model: &Llama,
+    l: usize,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    seqs: &mut [SeqInput<'_>],
+) -> Result<Tensor> {
+    let cfg = &model.cfg;
+    let (nh, nkv, hd) = (
+        cfg.num_attention_heads,
+        cfg.num_key_value_heads,
+        cfg.head_dim,
+    );
+    let b = seqs.len();
+    let pos: Vec<usize> = seqs.iter().map(|s| s.cache.len()).collect();
+    let q = model.rope().apply_rows(&q.reshape((b, nh, hd))?, &pos)?;
+    let k = model.rope().apply_rows(&k.reshape((b, nkv, hd))?, &pos)?;
+    let v = v.reshape((b, nkv, hd))?.contiguous()?;
+    let mut bufs = Vec::with_capacity(b);
+    for (s, &p) in seqs.iter_mut().zip(&pos) {
+        bufs.push(
+            s.cache
+                .reserve(l, p + 1, (nkv, hd), v.dtype(), v.device())?,
+        );
+    }
+    let views: Vec<KvBuffers<'_>> = bufs.iter().map(|(k, v)| KvBuffers { k, v }).collect();
+    append_kv_rows(&k, &v, &views, &pos)?;
+    let len: Vec<usize> = pos.iter().map(|p| p + 1).collect();
+    decode_attention(&q, &views, &len, (1.0 / (hd as f64).sqrt()) as f32)
+}
+
+/// Attention sequence by sequence (prompt chunks): RoPE from each sequence's offset, its cache
+/// appended, causal mask within the chunk, GQA by folding each KV head's query heads into rows.
+fn attend_each(
+    model: &Llama,
+    l: usize,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    seqs: &mut [SeqInput<'_>],
+) -> Result<Tensor> {
+    let cfg = &model.cfg;
+    let (nh, nkv, hd) = (
+        cfg.num_attention_heads,
+        cfg.num_key_value_heads,
+        cfg.head_dim,
+    );
+    let group = cfg.gqa_group();
+    let scale = 1.0 / (hd as f64).sqrt();
+    let dtype = q.dtype();
+    let mut outs = Vec::with_capacity(seqs.len());
+    let mut r0 = 0;
+    for s in seqs.iter_mut() {
+        let len = s.tokens.len();
+        let off = s.cache.len();
+        let heads = |t: &Tensor, n: usize| -> Result<Tensor> {
+            t.narrow(0, r0, len)?
+                .reshape((len, n, hd))?
+                .transpose(0, 1)?
+                .contiguous()
+        };
+        let qs = model.rope().apply(&heads(q, nh)?, off, false)?;
+        let ks = model.rope().apply(&heads(k, nkv)?, off, false)?;
+        let vs = heads(v, nkv)?;
+        let (k_all, v_all) = s.cache.append(l, &ks, &vs)?;
+        let t = off + len;
+        // Query heads h = kv * group + g share kv head `kv`: fold the group into rows.
+        let qg = qs.reshape((nkv, group * len, hd))?;
+        let mut att = (qg.matmul(&k_all.t()?)?.to_dtype(DType::F32)? * scale)?;
+        if len > 1 {
+            let mask: Vec<f32> = (0..len)
+                .flat_map(|i| {
+                    (0..t).map(move |j| if j > off + i { f32::NEG_INFINITY } else { 0.0 })
+                })
+                .collect();
+            let mask = Tensor::from_vec(mask, (len, t), model.device())?;
+            att = att
+                .reshape((nkv, group, len, t))?
+                .broadcast_add(&mask)?
+                .reshape((nkv, group * len, t))?;
+        }
+        let att = candle_nn::ops::softmax_last_dim(&att)?.to_dtype(dtype)?;
+        let o = att.matmul(&v_all.contiguous()?)?;
+        outs.push(
+            o.reshape((nh, len, hd))?
+                .transpose(0, 1)?
+                .reshape((len, nh * hd))?,
+        );
+        r0 += len;
+    }
+    Tensor::cat(&outs, 0)
 }
