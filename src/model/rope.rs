@@ -73,15 +73,22 @@ impl Rope {
         (&self.cos, &self.sin)
     }
 
-    /// Rotates single-token rows `x` (`[rows, heads, head_dim]`), row `r` at `positions[r]`
-    /// (a batched decode step: each sequence at its own position).
-    pub fn apply_rows(&self, x: &Tensor, positions: &[usize]) -> Result<Tensor> {
+    /// The `(cos, sin)` rows of `positions` (`[rows, head_dim / 2]` each) in `dtype`: what
+    /// `apply_rows` takes, gathered once per decode step and shared by every layer.
+    pub fn rows(&self, positions: &[usize], dtype: DType) -> Result<(Tensor, Tensor)> {
         let idx: Vec<u32> = positions.iter().map(|&p| p as u32).collect();
-        let idx = Tensor::from_vec(idx, positions.len(), x.device())?;
-        let cos = self.cos.index_select(&idx, 0)?.to_dtype(x.dtype())?;
-        let sin = self.sin.index_select(&idx, 0)?.to_dtype(x.dtype())?;
+        let idx = Tensor::from_vec(idx, positions.len(), self.cos.device())?;
+        Ok((
+            self.cos.index_select(&idx, 0)?.to_dtype(dtype)?,
+            self.sin.index_select(&idx, 0)?.to_dtype(dtype)?,
+        ))
+    }
+
+    /// Rotates single-token rows `x` (`[rows, heads, head_dim]`), row `r` by row `r` of the
+    /// tables from `rows` (a batched decode step: each sequence at its own position).
+    pub fn apply_rows(&self, x: &Tensor, (cos, sin): &(Tensor, Tensor)) -> Result<Tensor> {
         // As one sequence of `rows` positions, heads inside (the thd layout).
-        candle_nn::rotary_emb::rope_thd(&x.unsqueeze(0)?.contiguous()?, &cos, &sin)?.squeeze(0)
+        candle_nn::rotary_emb::rope_thd(&x.unsqueeze(0)?.contiguous()?, cos, sin)?.squeeze(0)
     }
 
     /// Rotates `x` (`[heads, len, head_dim]`) whose rows sit at positions `offset..offset+len`.

@@ -67,8 +67,16 @@ pub fn forward(
     let n = ids.len();
     let ids = Tensor::from_vec(ids, n, device)?;
     let mut x = model.embed.index_select(&ids, 0)?;
+    // A decode step's RoPE rows are the same for every layer: gathered once.
+    let decode_rope = match seqs.iter().all(|s| s.tokens.len() == 1) {
+        true => {
+            let pos: Vec<usize> = seqs.iter().map(|s| s.cache.len()).collect();
+            Some(model.rope().rows(&pos, x.dtype())?)
+        }
+        false => None,
+    };
     for l in 0..model.blocks.len() {
-        x = block(model, l, &x, seqs, &lora, None)?;
+        x = block(model, l, &x, seqs, &lora, decode_rope.as_ref(), None)?;
     }
     for s in seqs.iter_mut() {
         s.cache.commit();
@@ -107,16 +115,18 @@ pub fn block_forward(
             model.blocks.len()
         );
     }
-    block(model, layer, x, seqs, &LoraRows::None, Some(observe))
+    block(model, layer, x, seqs, &LoraRows::None, None, Some(observe))
 }
 
-/// One decoder block: attention per sequence on its cache, then the MLP.
+/// One decoder block: attention (batched for a decode step, given its RoPE rows; per sequence
+/// otherwise), then the MLP.
 fn block(
     model: &Llama,
     l: usize,
     x: &Tensor,
     seqs: &mut [SeqInput<'_>],
     lora: &LoraRows,
+    decode_rope: Option<&(Tensor, Tensor)>,
     mut observe: Option<&mut InputObserver<'_>>,
 ) -> Result<Tensor> {
     let cfg = &model.cfg;
@@ -133,9 +143,9 @@ fn block(
     let q = linear(model, &h, l, Proj::Q, lora)?;
     let k = linear(model, &h, l, Proj::K, lora)?;
     let v = linear(model, &h, l, Proj::V, lora)?;
-    let attn = match seqs.iter().all(|s| s.tokens.len() == 1) {
-        true => attend_decode(model, l, &q, &k, &v, seqs)?,
-        false => attend_each(model, l, &q, &k, &v, seqs)?,
+    let attn = match decode_rope {
+        Some(rope) => attend_decode(model, l, (&q, &k, &v), rope, seqs)?,
+        None => attend_each(model, l, &q, &k, &v, seqs)?,
     };
     seen(Proj::O, &attn)?;
     let x = (x + linear(model, &attn, l, Proj::O, lora)?)?;
@@ -202,9 +212,8 @@ fn linear(model: &Llama, x: &Tensor, layer: usize, proj: Proj, lora: &LoraRows) 
 fn attend_decode(
     model: &Llama,
     l: usize,
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
+    (q, k, v): (&Tensor, &Tensor, &Tensor),
+    rope: &(Tensor, Tensor),
     seqs: &mut [SeqInput<'_>],
 ) -> Result<Tensor> {
     let cfg = &model.cfg;
@@ -215,8 +224,8 @@ fn attend_decode(
     );
     let b = seqs.len();
     let pos: Vec<usize> = seqs.iter().map(|s| s.cache.len()).collect();
-    let q = model.rope().apply_rows(&q.reshape((b, nh, hd))?, &pos)?;
-    let k = model.rope().apply_rows(&k.reshape((b, nkv, hd))?, &pos)?;
+    let q = model.rope().apply_rows(&q.reshape((b, nh, hd))?, rope)?;
+    let k = model.rope().apply_rows(&k.reshape((b, nkv, hd))?, rope)?;
     let v = v.reshape((b, nkv, hd))?.contiguous()?;
     let mut bufs = Vec::with_capacity(b);
     for (s, &p) in seqs.iter_mut().zip(&pos) {
