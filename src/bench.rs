@@ -178,49 +178,16 @@ fn measure(
     let lora = |i: usize| loras.get(i % loras.len().max(1)).cloned().flatten();
     // Prefill: sequences grouped into calls of at most the row budget (one alone if longer).
     let t0 = Instant::now();
-    let mut next = Vec::with_capacity(streams);
-    let mut start = 0;
-    while start < streams {
-        let per_call = (budget / spec.prompt_len).max(1);
-        let end = (start + per_call).min(streams);
-        let mut seqs: Vec<SeqInput<'_>> = caches[start..end]
-            .iter_mut()
-            .zip(&prompts[start..end])
-            .enumerate()
-            .map(|(j, (cache, p))| SeqInput {
-                tokens: p,
-                cache,
-                lora: lora(start + j),
-            })
-            .collect();
-        let logits = runtime::forward(llama, &mut seqs, LogitsMode::Last)?;
-        next.extend(argmax(&logits)?);
-        start = end;
-    }
+    let prompt_refs: Vec<&[u32]> = prompts.iter().map(Vec::as_slice).collect();
+    let per_call = (budget / spec.prompt_len).max(1);
+    let mut next = step_all(llama, &mut caches, &prompt_refs, &lora, per_call)?;
     let prefill_s = t0.elapsed().as_secs_f64();
     // Decode: every stream one token per step.
     let mut timed = Duration::ZERO;
     for step in 0..spec.new_tokens.saturating_sub(1) {
         let t = Instant::now();
-        let mut out = Vec::with_capacity(streams);
-        let mut s0 = 0;
-        while s0 < streams {
-            let s1 = (s0 + budget).min(streams);
-            let mut seqs: Vec<SeqInput<'_>> = caches[s0..s1]
-                .iter_mut()
-                .zip(&next[s0..s1])
-                .enumerate()
-                .map(|(j, (cache, tok))| SeqInput {
-                    tokens: std::slice::from_ref(tok),
-                    cache,
-                    lora: lora(s0 + j),
-                })
-                .collect();
-            let logits = runtime::forward(llama, &mut seqs, LogitsMode::Last)?;
-            out.extend(argmax(&logits)?);
-            s0 = s1;
-        }
-        next = out;
+        let tokens: Vec<&[u32]> = next.iter().map(std::slice::from_ref).collect();
+        next = step_all(llama, &mut caches, &tokens, &lora, budget)?;
         if step >= spec.warmup_steps {
             timed += t.elapsed();
         }
@@ -236,6 +203,37 @@ fn measure(
         (streams * steps) as f64 / secs,
         secs * 1e3 / steps as f64,
     ))
+}
+
+/// One forward over every stream (stream `i` feeds `tokens[i]`), in calls of at most `per_call`
+/// sequences; returns each stream's greedy next id.
+fn step_all(
+    llama: &crate::model::Llama,
+    caches: &mut [KvCache],
+    tokens: &[&[u32]],
+    lora: &dyn Fn(usize) -> Option<Arc<LoraStack>>,
+    per_call: usize,
+) -> Result<Vec<u32>> {
+    let mut next = Vec::with_capacity(tokens.len());
+    for (c, (caches, tokens)) in caches
+        .chunks_mut(per_call)
+        .zip(tokens.chunks(per_call))
+        .enumerate()
+    {
+        let mut seqs: Vec<SeqInput<'_>> = caches
+            .iter_mut()
+            .zip(tokens)
+            .enumerate()
+            .map(|(j, (cache, &tokens))| SeqInput {
+                tokens,
+                cache,
+                lora: lora(c * per_call + j),
+            })
+            .collect();
+        let logits = runtime::forward(llama, &mut seqs, LogitsMode::Last)?;
+        next.extend(argmax(&logits)?);
+    }
+    Ok(next)
 }
 
 /// Greedy ids of `[rows, vocab]` logits, computed on the logits' device; only the ids travel.

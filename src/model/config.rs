@@ -303,6 +303,15 @@ impl LlamaConfig {
         v
     }
 
+    /// `(query heads, key/value heads, head dim)`.
+    pub fn heads(&self) -> (usize, usize, usize) {
+        (
+            self.num_attention_heads,
+            self.num_key_value_heads,
+            self.head_dim,
+        )
+    }
+
     /// Number of query heads that share one key/value head.
     pub fn gqa_group(&self) -> usize {
         self.num_attention_heads / self.num_key_value_heads

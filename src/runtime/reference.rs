@@ -217,11 +217,7 @@ fn attend_decode(
     seqs: &mut [SeqInput<'_>],
 ) -> Result<Tensor> {
     let cfg = &model.cfg;
-    let (nh, nkv, hd) = (
-        cfg.num_attention_heads,
-        cfg.num_key_value_heads,
-        cfg.head_dim,
-    );
+    let (nh, nkv, hd) = cfg.heads();
     let b = seqs.len();
     let pos: Vec<usize> = seqs.iter().map(|s| s.cache.len()).collect();
     let q = model.rope().apply_rows(&q.reshape((b, nh, hd))?, rope)?;
@@ -251,11 +247,7 @@ fn attend_each(
     seqs: &mut [SeqInput<'_>],
 ) -> Result<Tensor> {
     let cfg = &model.cfg;
-    let (nh, nkv, hd) = (
-        cfg.num_attention_heads,
-        cfg.num_key_value_heads,
-        cfg.head_dim,
-    );
+    let (nh, nkv, hd) = cfg.heads();
     let group = cfg.gqa_group();
     let scale = 1.0 / (hd as f64).sqrt();
     let dtype = q.dtype();

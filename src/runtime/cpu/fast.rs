@@ -317,11 +317,7 @@ fn attention(
     v: &[f32],
 ) -> Result<Vec<f32>> {
     let cfg = &model.cfg;
-    let (nh, nkv, hd) = (
-        cfg.num_attention_heads,
-        cfg.num_key_value_heads,
-        cfg.head_dim,
-    );
+    let (nh, nkv, hd) = cfg.heads();
     let group = cfg.gqa_group();
     let scale = (1.0 / (hd as f64).sqrt()) as f32;
     let (cos_t, sin_t) = model.rope().tables();
