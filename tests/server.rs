@@ -351,6 +351,32 @@ fn bad_input_gets_openai_errors_and_the_server_keeps_serving() {
     assert_eq!(code, 200, "{body}");
     assert_eq!(body["choices"][0]["message"]["role"], "assistant");
     assert!(server.metric("loraplex_requests_total{adapter=\"invalid\",status=\"400\"}") >= 5.0);
+    // Stacks with ever new weights (refused after resolution) add no new metric series.
+    let series = || {
+        let (_, text) = server.get("/metrics");
+        text.lines()
+            .filter(|l| l.starts_with("loraplex_requests_total{"))
+            .count()
+    };
+    let stack_chat = |w: f64| {
+        chat(
+            json!({"adapters": [{"name": "attn-r4", "weight": w}, {"name": "all-r8", "weight": 1.0}],
+            "temperature": 7}),
+        )
+    };
+    assert_error(&stack_chat(0.5), 400, "temperature out of range");
+    let before = series();
+    for i in 0..20 {
+        assert_error(
+            &stack_chat(0.1 + i as f64 / 7.0),
+            400,
+            "temperature out of range",
+        );
+    }
+    assert_eq!(series(), before);
+    assert!(
+        server.metric("loraplex_requests_total{adapter=\"all-r8+attn-r4\",status=\"400\"}") >= 21.0
+    );
 }
 
 #[test]

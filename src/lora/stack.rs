@@ -163,6 +163,15 @@ impl LoraStack {
             .join("+")
     }
 
+    /// A label from a bounded set, for metrics: the members' names, sorted and deduplicated,
+    /// joined by `+` (weights left out: every weight would otherwise be a new series).
+    pub fn names_label(&self) -> String {
+        let mut names: Vec<&str> = self.members.iter().map(|(a, _)| a.name.as_str()).collect();
+        names.sort_unstable();
+        names.dedup();
+        names.join("+")
+    }
+
     /// Merges the stack into the base: `W' = W + Σ_i w_i s_i B_i A_i` for every targeted module.
     /// An NF4 weight is dequantized, summed and quantized again, which rounds the merged weight
     /// to the 4-bit grid: returns how many weights that happened to (callers warn about it).

@@ -10,7 +10,7 @@ use std::sync::Arc;
 /// The resolved adapter set of a request.
 pub struct Resolved {
     pub lora: Option<Arc<LoraStack>>,
-    /// Metrics/log label: `base`, the adapter name, or `a*0.7+b*0.5`.
+    /// Metrics/log label: `base`, the adapter name, or a stack's sorted names (`a+b`).
     pub label: String,
 }
 
@@ -71,7 +71,8 @@ pub async fn resolve(state: &AppState, p: &CommonParams) -> Result<Resolved, Api
             .await
             .map_err(|e| ApiError::internal(format!("stack build failed: {e}")))?
             .map_err(|e| ApiError::invalid(Some("adapters"), format!("{e:#}")))?;
-        let label = stack.label();
+        // Metrics labels must come from a bounded set: the names, not the weights.
+        let label = stack.names_label();
         return Ok(Resolved {
             lora: Some(Arc::new(stack)),
             label,
