@@ -12,7 +12,7 @@ use common::golden::*;
 use common::*;
 use loraplex::lora::{synthetic::write_synthetic_adapter, LoraAdapter, LoraStack};
 use loraplex::model::{self, LoadedModel, Placement, Proj};
-use loraplex::runtime::lora_rows::check_against_reference;
+use loraplex::runtime::lora_rows::{check_against_reference, tolerance};
 use std::sync::Arc;
 
 fn gpu() -> Device {

@@ -12,6 +12,8 @@
 
 pub mod batch;
 pub mod cpu;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod decode_attention;
 pub mod device;
 pub mod lora_rows;
