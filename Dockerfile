@@ -1,7 +1,7 @@
 # Multi-stage build: compile the release binary, then run it on a slim image.
 FROM rust:1.95-slim-bookworm AS build
 WORKDIR /src
-COPY Cargo.toml Cargo.lock ./
+COPY Cargo.toml Cargo.lock build.rs ./
 COPY src ./src
 COPY benches ./benches
 RUN cargo build --release --bin loraplex
