@@ -5,6 +5,10 @@ use anyhow::{bail, Result};
 use candle_core::{DType, Tensor, D};
 use candle_transformers::generation::{LogitsProcessor, Sampling};
 
+/// The smallest nucleus accepted: below it no token's cumulative mass can pass the cut and the
+/// sampler has nothing to choose from (use temperature 0 for greedy).
+pub const MIN_TOP_P: f64 = 1e-6;
+
 /// How to pick tokens. `temperature == 0` is greedy.
 #[derive(Clone, Debug, PartialEq)]
 pub struct SamplingParams {
@@ -36,8 +40,8 @@ impl SamplingParams {
                 self.temperature
             );
         }
-        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
-            bail!("top_p must be in (0, 1] (got {})", self.top_p);
+        if !(MIN_TOP_P..=1.0).contains(&self.top_p) {
+            bail!("top_p must be in [{MIN_TOP_P}, 1] (got {})", self.top_p);
         }
         Ok(())
     }

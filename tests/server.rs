@@ -351,6 +351,30 @@ fn bad_input_gets_openai_errors_and_the_server_keeps_serving() {
     assert_eq!(code, 200, "{body}");
     assert_eq!(body["choices"][0]["message"]["role"], "assistant");
     assert!(server.metric("loraplex_requests_total{adapter=\"invalid\",status=\"400\"}") >= 5.0);
+    // Numbers that would break sampling are refused up front.
+    assert_error(
+        &chat(json!({"top_p": 1e-300, "temperature": 1})),
+        400,
+        "top_p below the smallest nucleus",
+    );
+    for w in [1e308, -1e308, 101.0] {
+        let stack = json!({"adapters": [{"name": "attn-r4", "weight": w}]});
+        assert_error(&chat(stack), 400, "stack weight out of bounds");
+    }
+    // Adapters whose numbers cannot be served are refused with the reason.
+    scaled_adapter("all-r8", &f.adapters, "nan-b", f64::NAN);
+    let huge = scaled_adapter("attn-r4", &f.adapters, "huge-alpha", 1.0);
+    let cfg_path = huge.join("adapter_config.json");
+    let mut cfg: Value =
+        serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
+    cfg["lora_alpha"] = json!(1e300);
+    std::fs::write(&cfg_path, cfg.to_string()).unwrap();
+    for (name, why) in [("nan-b", "NaN or infinite"), ("huge-alpha", "scaling")] {
+        let got = server.post("/v1/adapters", &json!({"name": name, "path": name}));
+        assert_error(&got, 400, name);
+        let msg = got.1["error"]["message"].as_str().unwrap().to_string();
+        assert!(msg.contains(why), "{name}: {msg}");
+    }
     // Stacks with ever new weights (refused after resolution) add no new metric series.
     let series = || {
         let (_, text) = server.get("/metrics");

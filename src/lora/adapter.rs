@@ -8,6 +8,10 @@ use candle_core::{DType, Device, Tensor};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 
+/// The largest |alpha / r| accepted: far above any trained adapter's (rsLoRA at r = 1 with
+/// alpha = 1024 is 1024), far below where the delta overflows.
+pub const MAX_SCALING: f64 = 1e4;
+
 /// The low-rank pair of one targeted module: `delta W = scaling * B A`.
 #[derive(Clone, Debug)]
 pub struct LoraModule {
@@ -194,7 +198,18 @@ impl LoraAdapter {
             };
             check(&a_key, &a, [r, fan_in])?;
             check(&b_key, &b, [fan_out, r])?;
+            for (key, t) in [(&a_key, &a), (&b_key, &b)] {
+                let finite = t.abs()?.max_all()?.to_scalar::<f32>()?.is_finite();
+                if !finite {
+                    bail!("tensor `{key}` holds NaN or infinite values");
+                }
+            }
             let scaling = config.scaling_for(&module);
+            if !scaling.is_finite() || scaling.abs() > MAX_SCALING {
+                bail!(
+                    "module `{module}`: scaling {scaling} (lora_alpha / r) is outside ±{MAX_SCALING}"
+                );
+            }
             modules.insert((layer, proj), LoraModule { a, b, scaling });
         }
         if let TargetModules::List(list) = &config.target_modules {

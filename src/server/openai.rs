@@ -2,7 +2,7 @@
 
 use super::errors::ApiError;
 use crate::generate::GenerationParams;
-use crate::sampling::SamplingParams;
+use crate::sampling::{SamplingParams, MIN_TOP_P};
 use serde::Deserialize;
 use serde_json::Value;
 
@@ -176,10 +176,10 @@ impl CommonParams {
             ));
         }
         let top_p = self.top_p.unwrap_or(1.0);
-        if !(top_p > 0.0 && top_p <= 1.0) {
+        if !(MIN_TOP_P..=1.0).contains(&top_p) {
             return Err(ApiError::invalid(
                 Some("top_p"),
-                format!("top_p must be in (0, 1] (got {top_p})"),
+                format!("top_p must be in [{MIN_TOP_P}, 1] (got {top_p})"),
             ));
         }
         let top_k = match self.top_k {

@@ -7,6 +7,10 @@ use super::AppState;
 use crate::lora::LoraStack;
 use std::sync::Arc;
 
+/// The largest |weight| of an adapter in a per-request stack (beyond it the delta swamps the
+/// base and logits overflow).
+const MAX_STACK_WEIGHT: f64 = 100.0;
+
 /// The resolved adapter set of a request.
 pub struct Resolved {
     pub lora: Option<Arc<LoraStack>>,
@@ -56,10 +60,13 @@ pub async fn resolve(state: &AppState, p: &CommonParams) -> Result<Resolved, Api
         }
         let mut members = Vec::with_capacity(list.len());
         for a in list {
-            if !a.weight.is_finite() {
+            if !a.weight.is_finite() || a.weight.abs() > MAX_STACK_WEIGHT {
                 return Err(ApiError::invalid(
                     Some("adapters"),
-                    format!("adapter `{}`: weight must be a finite number", a.name),
+                    format!(
+                        "adapter `{}`: weight must be a finite number within ±{MAX_STACK_WEIGHT} (got {})",
+                        a.name, a.weight
+                    ),
                 ));
             }
             let cached = state.adapters.get(&a.name).await?;
