@@ -50,7 +50,9 @@ run() {
     && chmod +x /tmp/lp/loraplex /tmp/lp/gpu-tests || { echo "gpu-check: $pack/ missing: run 'build' first"; exit 1; }
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$pack"/whl/*.whl \
     && export PYTHONPATH=/tmp/site
-  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$out/gpu.txt"
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader > "$out/gpu.txt" 2>&1 \
+    || echo "no nvidia-smi" > "$out/gpu.txt"
+  cat "$out/gpu.txt"
   local t0=$SECONDS status=0
   LORAPLEX_TEST_ROOT=$PWD LORAPLEX_BIN=/tmp/lp/loraplex LORAPLEX_PYTHON=$(command -v python3) \
     /tmp/lp/gpu-tests --test-threads 1 --nocapture > "$out/gpu-tests.log" 2>&1 || status=$?
@@ -72,7 +74,7 @@ run() {
   {
     echo "## GPU check ($(cat "$out/gpu.txt"))"
     echo
-    echo "tests: $(grep -E '^test result' "$out/gpu-tests.log" | tail -n 1) in ${tests_s} s"
+    echo "tests (exit $status, ${tests_s} s): $(grep -E '^test result' "$out/gpu-tests.log" | tail -n 1)"
     grep -h '^GPUCHECK' "$out/gpu-tests.log" | sed 's/^GPUCHECK /- /'
     grep -E '^test .*FAILED' "$out/gpu-tests.log" | sed 's/^/- /'
     echo
