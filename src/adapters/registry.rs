@@ -460,7 +460,7 @@ impl AdapterRegistry {
             .iter()
             .map(|(_, c)| match c.stack.on_cpu() {
                 true => c.adapter.bytes(),
-                false => c.stack.bytes(),
+                false => c.device_bytes(),
             })
             .sum()
     }
