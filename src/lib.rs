@@ -12,6 +12,7 @@ pub mod generate;
 pub mod lora;
 pub mod model;
 pub mod quant;
+pub mod runtime;
 pub mod sampling;
 pub mod server;
 pub mod tokenize;
