@@ -1,7 +1,8 @@
 //! The GPU check (built with `--features cuda`; run by `scripts/gpu-check.sh` on the GPU machine,
 //! where a missing GPU is a failure): the HF+PEFT goldens on the GPU in f32 and bf16, greedy
 //! ids of a SmolLM2-shape model on the GPU against the CPU (base, adapter, stack, merge), the
-//! per-row LoRA kernels against their CPU reference, and refusals of what cannot fit.
+//! per-row LoRA and decode-attention kernels against their CPU references, the server with the
+//! openai client, and refusals of what cannot fit.
 //! Each test prints one `GPUCHECK name: figures` line that the script collects into its table.
 #![cfg(feature = "cuda")]
 
@@ -118,6 +119,29 @@ fn lora_kernels_match_their_cpu_reference() {
         line.push_str(&format!(" {dtype:?} {worst:.1e};"));
     }
     println!("GPUCHECK lora kernels (64 rows, 40 sets, ranks 1-256 mixed) max rel err:{line}");
+}
+
+#[test]
+fn decode_attention_kernels_match_their_cpu_reference() {
+    use loraplex::runtime::decode_attention as da;
+    let dev = gpu();
+    let mut line = String::new();
+    for dtype in [DType::F32, DType::BF16, DType::F16] {
+        let tol = da::tolerance(dtype);
+        let mut worst = 0f32;
+        for seed in 0..2 {
+            let e = da::check_against_reference(&dev, dtype, seed).unwrap();
+            assert!(
+                e <= tol,
+                "{dtype:?} seed {seed}: max relative error {e} > {tol}"
+            );
+            worst = worst.max(e);
+        }
+        line.push_str(&format!(" {dtype:?} {worst:.1e};"));
+    }
+    println!(
+        "GPUCHECK decode attention + KV append (64 rows, lengths 1-1500, GQA) max rel err:{line}"
+    );
 }
 
 #[test]

@@ -321,7 +321,23 @@ impl CustomOp2 for LoraRowsOp {
         s2: &candle_core::CudaStorage,
         l2: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        super::cuda::lora_rows::cuda_fwd(self, s1, l1, s2, l2)
+        use super::cuda::lora_rows::{cuda_fwd, LoraRowsLaunch, SetRef};
+        let launch = LoraRowsLaunch {
+            sets: self
+                .sets
+                .iter()
+                .map(|s| SetRef {
+                    a: &s.a,
+                    bt: &s.bt,
+                    rank: s.rank,
+                })
+                .collect(),
+            row_set: &self.row_set,
+            n: self.n,
+            in_dim: self.in_dim,
+            out_dim: self.out_dim,
+        };
+        cuda_fwd(&launch, s1, l1, s2, l2)
     }
 }
 

@@ -14,9 +14,27 @@ use candle_core::cuda_backend::cudarc::driver::{
     CudaView, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg,
 };
 use candle_core::cuda_backend::{CudaDType, WrapErr};
-use candle_core::{bail, CudaStorage, DType, Layout, Result, Shape, Storage, WithDType};
+use candle_core::{bail, CudaStorage, DType, Layout, Result, Shape, Storage, Tensor, WithDType};
 
-use crate::runtime::lora_rows::{LoraRowsOp, NO_SET};
+/// Rows without an adapter set (the same sentinel as `runtime::lora_rows::NO_SET`).
+pub const NO_SET: u32 = u32::MAX;
+
+/// One set as the launch sees it: `a: [rank, in]`, `bt: [rank, out]`.
+pub struct SetRef<'a> {
+    pub a: &'a Tensor,
+    pub bt: &'a Tensor,
+    pub rank: usize,
+}
+
+/// What the launch needs of the op, as plain data (so this module does not reach back into the
+/// op's own module: the op calls down, nothing calls up).
+pub struct LoraRowsLaunch<'a> {
+    pub sets: Vec<SetRef<'a>>,
+    pub row_set: &'a [u32],
+    pub n: usize,
+    pub in_dim: usize,
+    pub out_dim: usize,
+}
 
 /// Rows per tile (`LORA_TILE_ROWS` in the kernels).
 pub const TILE_ROWS: usize = 8;
@@ -120,7 +138,7 @@ pub fn shrink_split(n_work: usize, n_vec: usize, sms: usize) -> (usize, usize) {
 
 /// The op's CUDA forward: `x` [N, in] and `y` [N, out] contiguous storages of one dtype.
 pub(crate) fn cuda_fwd(
-    op: &LoraRowsOp,
+    op: &LoraRowsLaunch<'_>,
     x: &CudaStorage,
     lx: &Layout,
     y: &CudaStorage,
@@ -165,7 +183,7 @@ fn to_i32(v: usize, what: &str) -> Result<i32> {
 }
 
 fn launch<T: CudaDType + DeviceRepr + WithDType>(
-    op: &LoraRowsOp,
+    op: &LoraRowsLaunch<'_>,
     x: &CudaStorage,
     lx: &Layout,
     y: &CudaStorage,
