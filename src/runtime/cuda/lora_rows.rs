@@ -238,7 +238,7 @@ fn launch<T: CudaDType + DeviceRepr + WithDType>(
     }
 
     let ranks: Vec<usize> = op.sets.iter().map(|s| s.rank).collect();
-    let plan = Plan::new(&op.row_set, &ranks)?;
+    let plan = Plan::new(op.row_set, &ranks)?;
     // SAFETY: the expand writes every element: every row is in a tile and the chunks cover out.
     let mut out = unsafe { dev.alloc::<T>(n * out_dim)? };
     let vec_len = 16 / std::mem::size_of::<T>();
