@@ -309,15 +309,7 @@ fn check_no_overlap(
     Ok(())
 }
 
-/// The largest error [`check_against_reference`] accepts for `dtype` (relative to the output's
-/// largest magnitude): one rounding of the output plus f32 summation-order noise.
-pub fn tolerance(dtype: DType) -> f32 {
-    match dtype {
-        DType::BF16 => 1e-2,
-        DType::F16 => 2e-3,
-        _ => 1e-4,
-    }
-}
+pub use super::kernel_tolerance as tolerance;
 
 /// The cases [`check_against_reference`] runs: (B, nh, nkv, hd, longest length). 1: the decode
 /// batch (GQA 32/8, hd 128, mixed lengths); 2: a small odd head dim, groups of 3; 3: MHA with

@@ -341,15 +341,7 @@ impl CustomOp2 for LoraRowsOp {
     }
 }
 
-/// The largest relative error [`check_against_reference`] accepts for `dtype`: one rounding of
-/// the output (bf16 keeps 8 significant bits, f16 11), plus f32 summation-order noise.
-pub fn tolerance(dtype: DType) -> f32 {
-    match dtype {
-        DType::BF16 => 1e-2,
-        DType::F16 => 2e-3,
-        _ => 1e-4,
-    }
-}
+pub use super::kernel_tolerance as tolerance;
 
 /// The shapes [`check_against_reference`] runs: (rows, in, out, sets, element offset of `x` in
 /// its buffer). 1: 64 rows over 40 sets, ranks mixed, a hot set spanning several row tiles;

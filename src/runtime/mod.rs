@@ -71,6 +71,17 @@ impl Backend {
     }
 }
 
+/// The largest error a kernel's `check_against_reference` accepts for `dtype` (relative to the
+/// reference's magnitude): one rounding of the output (bf16 keeps 8 significant bits, f16 11),
+/// plus f32 summation-order noise.
+pub fn kernel_tolerance(dtype: candle_core::DType) -> f32 {
+    match dtype {
+        candle_core::DType::BF16 => 1e-2,
+        candle_core::DType::F16 => 2e-3,
+        _ => 1e-4,
+    }
+}
+
 /// Runs one batched forward step and returns f32 logits (`[rows, vocab]`, see `LogitsMode`).
 /// Each sequence's cache grows by its new tokens; on error no cache advances.
 pub fn forward(model: &Llama, seqs: &mut [SeqInput<'_>], mode: LogitsMode) -> Result<Tensor> {

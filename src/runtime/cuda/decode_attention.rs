@@ -8,7 +8,6 @@
 //! kernels' memory safety rests on (storages on this device, element counts) before launching.
 
 use candle_core::backend::BackendStorage;
-use candle_core::cuda_backend::cudarc::driver::sys::CUdevice_attribute;
 use candle_core::cuda_backend::cudarc::driver::{
     CudaSlice, CudaView, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg,
 };
@@ -26,8 +25,6 @@ const RED_FLOATS: usize = (THREADS / 32 - 1) * GMAX * 32;
 const MIN_CHUNK: usize = 256;
 /// The most splits of a row.
 const MAX_SPLITS: usize = 64;
-/// Streaming multiprocessors assumed when the device does not say (an H200 has 132).
-const DEFAULT_SMS: usize = 132;
 
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/decode_attention.ptx"));
 const MODULE: &str = "loraplex_decode_attention";
@@ -285,13 +282,7 @@ fn attend<T: CudaDType + DeviceRepr>(
     if nkv == 0 || !nh.is_multiple_of(nkv) || hd == 0 || hd > 2 * THREADS {
         bail!("decode_attention: {nh} query heads, {nkv} KV heads of dim {hd} are not supported");
     }
-    let sms = stream
-        .context()
-        .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
-        .ok()
-        .and_then(|v| usize::try_from(v).ok())
-        .filter(|&v| v > 0)
-        .unwrap_or(DEFAULT_SMS);
+    let sms = super::sm_count(&stream);
     let group = nh / nkv;
     let plan = Plan::new(nkv, group, hd, len, sms);
     if b > 65535 || nkv * plan.head_chunks > 65535 {

@@ -9,7 +9,6 @@
 //! that the expand sums in a fixed order (deterministic, no atomics).
 
 use candle_core::backend::BackendStorage;
-use candle_core::cuda_backend::cudarc::driver::sys::CUdevice_attribute;
 use candle_core::cuda_backend::cudarc::driver::{
     CudaView, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg,
 };
@@ -46,8 +45,6 @@ const SHRINK_THREADS: usize = 128;
 const EXPAND_WARPS: usize = 4;
 /// The most blocks the shrink splits `in` over.
 const MAX_KSPLIT: usize = 16;
-/// Streaming multiprocessors assumed when the device does not say (an H200 has 132).
-const DEFAULT_SMS: usize = 132;
 
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/lora_rows.ptx"));
 const MODULE: &str = "loraplex_lora_rows";
@@ -252,13 +249,7 @@ fn launch<T: CudaDType + DeviceRepr + WithDType>(
     let vec_len = if vectorised { vec_len } else { 1 };
     let variant = if vectorised { "" } else { "_scalar" };
 
-    let sms = stream
-        .context()
-        .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
-        .ok()
-        .and_then(|v| usize::try_from(v).ok())
-        .filter(|&v| v > 0)
-        .unwrap_or(DEFAULT_SMS);
+    let sms = super::sm_count(&stream);
     let (ksplit, k_chunk) = shrink_split(plan.n_work(), in_dim / vec_len, sms);
     let out_chunks = out_dim.div_ceil(32 * vec_len);
     if out_chunks > 65535 {
