@@ -353,11 +353,21 @@ fn unknown_pre_tokenizer_is_refused_by_name() -> Result<()> {
 #[test]
 fn unsupported_tokenizer_model_is_refused() -> Result<()> {
     let toy = Toy::new(&[], &[]);
-    let msg = err_text(TextTokenizer::from_gguf(&gguf(
-        &toy.metadata("llama", Some("default")),
-    )?))?;
-    assert!(msg.contains("SentencePiece"), "{msg}");
-    assert!(msg.contains("tokenizer.json"), "{msg}");
+    for (model, kind) in [
+        ("bert", "WordPiece"),
+        ("t5", "Unigram"),
+        ("made-up", "unsupported"),
+    ] {
+        let msg = err_text(TextTokenizer::from_gguf(&gguf(
+            &toy.metadata(model, Some("default")),
+        )?))?;
+        assert!(msg.contains(&format!("'{model}'")), "{msg}");
+        assert!(msg.contains(kind), "{msg}");
+        assert!(msg.contains("tokenizer.json"), "{msg}");
+        for supported in ["'gpt2'", "'llama'"] {
+            assert!(msg.contains(supported), "{msg} does not name {supported}");
+        }
+    }
     let mut no_tokenizer = toy.metadata("gpt2", Some("gpt2"));
     no_tokenizer.retain(|(k, _)| k != "tokenizer.ggml.model");
     let msg = err_text(TextTokenizer::from_gguf(&gguf(&no_tokenizer)?))?;

@@ -2,11 +2,12 @@
 //!
 //! [`TextTokenizer`] wraps a Hugging Face `tokenizers::Tokenizer` together with what generation
 //! needs beside it: the set of end-of-sequence ids, the BOS id, and the chat template. It is built
-//! either from a GGUF file's metadata ([`TextTokenizer::from_gguf`], byte-level BPE only) or from a
-//! Hugging Face folder ([`TextTokenizer::from_hf_folder`]), and can write itself back out as a
-//! Hugging Face folder ([`TextTokenizer::save_hf_folder`]).
+//! either from a GGUF file's metadata ([`TextTokenizer::from_gguf`]: byte-level BPE or
+//! SentencePiece) or from a Hugging Face folder ([`TextTokenizer::from_hf_folder`]), and can write
+//! itself back out as a Hugging Face folder ([`TextTokenizer::save_hf_folder`]).
 //!
 //! * `gguf` turns GGUF `tokenizer.ggml.*` metadata into the same tokenizer HF builds.
+//! * `sentencepiece` builds the HF equivalent of a SentencePiece BPE vocabulary (pieces + scores).
 //! * `hf` reads and writes `tokenizer.json` / `tokenizer_config.json` (+ generation configs).
 //! * `chat` renders chat templates with minijinja the way `transformers` does.
 //! * `stream` turns a stream of ids into text pieces without splitting UTF-8 characters.
@@ -16,6 +17,7 @@
 mod chat;
 mod gguf;
 mod hf;
+mod sentencepiece;
 mod stream;
 
 use std::fmt;
@@ -120,12 +122,14 @@ impl TextTokenizer {
         self.tok.decode(&[id], false).unwrap_or_default()
     }
 
-    /// The token's string as stored in the vocabulary (byte-level form, e.g. `Ġworld`).
+    /// The token's string as stored in the vocabulary (e.g. `Ġworld` in byte-level BPE, `▁world`
+    /// in SentencePiece).
     pub fn id_to_token(&self, id: u32) -> Option<String> {
         self.tok.id_to_token(id)
     }
 
-    /// The id of a vocabulary string (byte-level form) or of an added/special token.
+    /// The id of a vocabulary string (as stored, see [`Self::id_to_token`]) or of an
+    /// added/special token.
     pub fn token_to_id(&self, token: &str) -> Option<u32> {
         self.tok.token_to_id(token)
     }
@@ -174,7 +178,7 @@ impl TextTokenizer {
         self.unk_id
     }
 
-    /// Whether `encode(text, true)` puts the BOS token in front (a Llama-3 style post-processor).
+    /// Whether `encode(text, true)` puts the BOS token in front (a Llama-2/3 style post-processor).
     pub fn adds_bos(&self) -> bool {
         match (self.bos_id, self.encode("a", true)) {
             (Some(bos), Ok(ids)) => ids.first() == Some(&bos),
