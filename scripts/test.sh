@@ -16,10 +16,10 @@ cargo clippy --release --all-targets -- -D warnings
 step "fetch the default model (SmolLM2-135M-Instruct, sha256-checked)"
 cargo run --release --quiet -- fetch
 
-step "python virtualenv with the official openai client (for the server tests)"
-if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c "import openai" 2>/dev/null; then
+step "python virtualenv: the official openai client (server tests), sentencepiece (tokenizer tests)"
+if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c "import openai, sentencepiece" 2>/dev/null; then
   python3 -m venv .venv
-  .venv/bin/pip install --quiet --disable-pip-version-check "openai==3.57.0"
+  .venv/bin/pip install --quiet --disable-pip-version-check "openai==3.57.0" "sentencepiece==0.2.3"
 fi
 
 step "cargo test --release"

@@ -3,10 +3,14 @@
 //! The golden tests load the default model's GGUF (fetched into the cache on first use) and must
 //! reproduce Hugging Face's token ids and chat rendering exactly. The other tests build small GGUF
 //! files in memory to check the pre-tokenizer table, the refusals and the HF-folder round trip.
+//! The SentencePiece tests train small SentencePiece models with the `sentencepiece` package
+//! (`tests/spm_reference.py`, run with `.venv`'s python, which scripts/test.sh makes), write their
+//! vocabularies as GGUF metadata, and must give the package's ids and decoded text.
 
 use std::collections::BTreeSet;
-use std::io::Cursor;
+use std::io::{Cursor, Write};
 use std::path::PathBuf;
+use std::process::{Command, Stdio};
 use std::sync::OnceLock;
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -572,5 +576,319 @@ fn missing_chat_template_says_to_use_prompt() -> Result<()> {
         msg.contains("no chat template") && msg.contains("--prompt"),
         "{msg}"
     );
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// SentencePiece vocabularies (`tokenizer.ggml.model = "llama"`) against the `sentencepiece` package
+
+/// Strings whose ids must equal the reference's: spaces (leading, trailing, repeated), digits,
+/// punctuation, accented Latin, CJK and Korean partly in the vocabulary, and characters outside it
+/// (emoji, Greek, Cyrillic, control characters: byte fallback).
+const SPM_STRINGS: &[&str] = &[
+    "",
+    "hello world",
+    " hello",
+    "  two leading spaces",
+    "trailing space ",
+    "double  space  inside",
+    " ",
+    "   ",
+    "The quick brown fox jumps over the lazy dog.",
+    "12345",
+    "3.14159 and 2,718",
+    "in 2024 the server had 100% uptime",
+    "$100 #tag @user e-mail",
+    "don't it's we're",
+    "(parens) [brackets] {braces}",
+    "a+b=c x*y/z",
+    "Café naïve résumé façade",
+    "ZÜRICH München",
+    "日本語のテキスト",
+    "東京 テスト",
+    "테스트 한국어 문장",
+    "Emoji: 😀👍🏽🚀",
+    " 😀 ",
+    "Ελληνικά και русский",
+    "tab\tseparated",
+    "line\nbreak\r\n",
+    "e\u{301} (a combining accent)",
+    "½ — … “quotes”",
+    "wizardly tokenization of unseen words",
+    "supercalifragilisticexpialidocious",
+    "ALL CAPS SENTENCE",
+    "mixed123digits456",
+    "ü",
+    "\u{7f}\u{1}",
+    "∑∫√ ©®™",
+    "a literal \u{2581} mark",
+    "\u{feff}byte order mark",
+    "The tokenizer model server streams  every  batch; seven wizards hex 42 bishops!",
+];
+
+#[derive(Deserialize)]
+struct SpmReference {
+    sentencepiece: String,
+    models: Vec<SpmModel>,
+}
+
+#[derive(Deserialize)]
+struct SpmModel {
+    add_dummy_prefix: bool,
+    /// (piece, score, llama.cpp token type) by id.
+    pieces: Vec<(String, f32, i32)>,
+    unk_id: u32,
+    bos_id: u32,
+    eos_id: u32,
+    cases: Vec<SpmCase>,
+}
+
+#[derive(Deserialize)]
+struct SpmCase {
+    text: String,
+    ids: Vec<u32>,
+    decoded: String,
+}
+
+/// The python with the `sentencepiece` package: `LORAPLEX_PYTHON`, else the repository's `.venv`.
+fn reference_python() -> PathBuf {
+    match std::env::var_os("LORAPLEX_PYTHON") {
+        Some(p) => PathBuf::from(p),
+        None => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python"),
+    }
+}
+
+fn run_spm_reference() -> Result<SpmReference> {
+    let python = reference_python();
+    if !python.exists() {
+        bail!(
+            "{} does not exist: run scripts/test.sh once (it creates .venv with the \
+             sentencepiece package), or point LORAPLEX_PYTHON at a python that has it",
+            python.display()
+        );
+    }
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/spm_reference.py");
+    let mut child = Command::new(&python)
+        .arg(&script)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("starting {}", python.display()))?;
+    let input = serde_json::json!({ "strings": SPM_STRINGS }).to_string();
+    child
+        .stdin
+        .take()
+        .context("no stdin")?
+        .write_all(input.as_bytes())?;
+    let out = child.wait_with_output()?;
+    if !out.status.success() {
+        bail!(
+            "{} {} failed ({}): {}",
+            python.display(),
+            script.display(),
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    serde_json::from_slice(&out.stdout).context("reading the reference's JSON")
+}
+
+/// The reference, computed once per test binary.
+fn spm_reference() -> Result<&'static SpmReference> {
+    static REF: OnceLock<std::result::Result<SpmReference, String>> = OnceLock::new();
+    REF.get_or_init(|| run_spm_reference().map_err(|e| format!("{e:#}")))
+        .as_ref()
+        .map_err(|e| anyhow!("the sentencepiece reference: {e}"))
+}
+
+/// GGUF metadata as llama.cpp's converter writes it for a SentencePiece model.
+/// `add_space_prefix`: `None` leaves the key out (llama.cpp then prepends the space).
+fn spm_metadata(model: &SpmModel, add_space_prefix: Option<bool>) -> Vec<(String, Value)> {
+    let mut md = vec![
+        (
+            "general.architecture".to_string(),
+            Value::String("llama".into()),
+        ),
+        (
+            "tokenizer.ggml.model".to_string(),
+            Value::String("llama".into()),
+        ),
+        (
+            "tokenizer.ggml.tokens".to_string(),
+            Value::Array(
+                model
+                    .pieces
+                    .iter()
+                    .map(|p| Value::String(p.0.clone()))
+                    .collect(),
+            ),
+        ),
+        (
+            "tokenizer.ggml.scores".to_string(),
+            Value::Array(model.pieces.iter().map(|p| Value::F32(p.1)).collect()),
+        ),
+        (
+            "tokenizer.ggml.token_type".to_string(),
+            Value::Array(model.pieces.iter().map(|p| Value::I32(p.2)).collect()),
+        ),
+        (
+            "tokenizer.ggml.bos_token_id".to_string(),
+            Value::U32(model.bos_id),
+        ),
+        (
+            "tokenizer.ggml.eos_token_id".to_string(),
+            Value::U32(model.eos_id),
+        ),
+        (
+            "tokenizer.ggml.unknown_token_id".to_string(),
+            Value::U32(model.unk_id),
+        ),
+    ];
+    if let Some(prefix) = add_space_prefix {
+        md.push((
+            "tokenizer.ggml.add_space_prefix".to_string(),
+            Value::Bool(prefix),
+        ));
+    }
+    md
+}
+
+/// The tokenizer loraplex builds from `model`'s GGUF metadata (the key for the dummy prefix left
+/// out when it is llama.cpp's default, true).
+fn spm_tokenizer(model: &SpmModel) -> Result<TextTokenizer> {
+    let prefix = (!model.add_dummy_prefix).then_some(false);
+    TextTokenizer::from_gguf(&gguf(&spm_metadata(model, prefix))?)
+}
+
+#[test]
+fn sentencepiece_gguf_reproduces_the_reference_ids_and_text() -> Result<()> {
+    let reference = spm_reference()?;
+    assert_eq!(
+        reference.models.len(),
+        2,
+        "with and without the dummy prefix"
+    );
+    for model in &reference.models {
+        let label = format!(
+            "sentencepiece {} model, add_dummy_prefix = {}",
+            reference.sentencepiece, model.add_dummy_prefix
+        );
+        let tok = spm_tokenizer(model)?;
+        assert_eq!(tok.vocab_size(), model.pieces.len(), "{label}");
+        assert_eq!(model.cases.len(), SPM_STRINGS.len(), "{label}");
+        assert!(model.cases.len() >= 30);
+        let mut byte_fallbacks = 0;
+        for (case, text) in model.cases.iter().zip(SPM_STRINGS) {
+            assert_eq!(
+                case.text, *text,
+                "{label}: the reference saw another string"
+            );
+            let ids = tok.encode(text, false)?;
+            let pieces: Vec<String> = ids.iter().filter_map(|&i| tok.id_to_token(i)).collect();
+            assert_eq!(
+                ids, case.ids,
+                "{label}: ids differ for {text:?} ({pieces:?})"
+            );
+            byte_fallbacks += pieces.iter().filter(|p| p.starts_with("<0x")).count();
+
+            // BOS in front with special tokens, as llama.cpp adds it by default.
+            let mut with_bos = vec![model.bos_id];
+            with_bos.extend(&case.ids);
+            assert_eq!(tok.encode(text, true)?, with_bos, "{label}: {text:?}");
+
+            // Decoding gives the reference's text, which is the string itself unless the string
+            // holds SentencePiece's own space mark (that decodes as a space).
+            let decoded = tok.decode(&ids, false)?;
+            assert_eq!(decoded, case.decoded, "{label}: decode of {text:?}");
+            if !text.contains('\u{2581}') {
+                assert_eq!(decoded, *text, "{label}: decode does not invert encode");
+            }
+            assert_eq!(
+                stream_pieces(&tok, &ids, false)?.concat(),
+                decoded,
+                "{label}: streamed text of {text:?}"
+            );
+        }
+        assert!(
+            byte_fallbacks >= 20,
+            "{label}: only {byte_fallbacks} byte-fallback tokens; the strings should reach \
+             outside the vocabulary"
+        );
+    }
+    Ok(())
+}
+
+#[test]
+fn sentencepiece_gguf_special_tokens_and_defaults() -> Result<()> {
+    let reference = spm_reference()?;
+    let model = reference
+        .models
+        .iter()
+        .find(|m| m.add_dummy_prefix)
+        .context("no model with the dummy prefix")?;
+    let tok = spm_tokenizer(model)?;
+    assert!(
+        tok.adds_bos(),
+        "llama.cpp adds BOS to SentencePiece models by default"
+    );
+    assert_eq!(tok.bos_id(), Some(model.bos_id));
+    assert_eq!(tok.eos_ids(), &[model.eos_id]);
+    assert_eq!(tok.unk_id(), Some(model.unk_id));
+    assert_eq!(tok.token_to_id("<0x0A>"), Some(3 + 0x0A));
+
+    // Control tokens in the text match as themselves; the text after one gets its own dummy
+    // prefix (llama.cpp and Hugging Face both do this).
+    let eos = tok.id_to_token(model.eos_id).context("no EOS piece")?;
+    let mut want = tok.encode("hello", false)?;
+    want.push(model.eos_id);
+    want.extend(tok.encode("world", false)?);
+    assert_eq!(tok.encode(&format!("hello{eos}world"), false)?, want);
+    assert_eq!(tok.decode(&want, true)?, "hello world");
+
+    // An explicit add_bos_token = false wins; the space prefix key is honoured either way.
+    let mut md = spm_metadata(model, Some(true));
+    md.push(("tokenizer.ggml.add_bos_token".into(), Value::Bool(false)));
+    let no_bos = TextTokenizer::from_gguf(&gguf(&md)?)?;
+    assert!(!no_bos.adds_bos());
+    assert_eq!(no_bos.encode("hello", true)?, tok.encode("hello", false)?);
+    let no_prefix = TextTokenizer::from_gguf(&gguf(&spm_metadata(model, Some(false)))?)?;
+    assert_ne!(
+        no_prefix.encode("hello", false)?,
+        tok.encode("hello", false)?
+    );
+    assert_eq!(
+        no_prefix.encode(" hello", false)?,
+        tok.encode("hello", false)?
+    );
+
+    // The Hugging Face folder written from it tokenizes the same.
+    let dir = tempfile::tempdir()?;
+    tok.save_hf_folder(dir.path())?;
+    let back = TextTokenizer::from_hf_folder(dir.path())?;
+    assert!(back.adds_bos());
+    for case in &model.cases {
+        assert_eq!(back.encode(&case.text, false)?, case.ids, "{:?}", case.text);
+        assert_eq!(back.decode(&case.ids, false)?, case.decoded);
+    }
+    Ok(())
+}
+
+#[test]
+fn sentencepiece_gguf_without_scores_is_refused() -> Result<()> {
+    let reference = spm_reference()?;
+    let mut md = spm_metadata(&reference.models[0], None);
+    md.retain(|(k, _)| k != "tokenizer.ggml.scores");
+    let msg = err_text(TextTokenizer::from_gguf(&gguf(&md)?))?;
+    assert!(msg.contains("tokenizer.ggml.scores"), "{msg}");
+
+    let mut md = spm_metadata(&reference.models[0], None);
+    md.retain(|(k, _)| k != "tokenizer.ggml.scores");
+    md.push((
+        "tokenizer.ggml.scores".into(),
+        Value::Array(vec![Value::F32(0.0)]),
+    ));
+    let msg = err_text(TextTokenizer::from_gguf(&gguf(&md)?))?;
+    assert!(msg.contains("scores has 1 entries"), "{msg}");
     Ok(())
 }
