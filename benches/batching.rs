@@ -15,6 +15,15 @@ use loraplex::runtime::{LogitsMode, SeqInput};
 use std::sync::Arc;
 use std::time::Instant;
 
+/// Rows per forward call: `LORAPLEX_BENCH_CALL_ROWS`, default the CPU fast path's limit.
+fn call_rows() -> usize {
+    std::env::var("LORAPLEX_BENCH_CALL_ROWS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(loraplex::runtime::cpu::fast::MAX_ROWS)
+        .max(1)
+}
+
 /// Tokens per second over `steps` decode steps of `stacks.len()` sequences decoding together.
 fn throughput(m: &LoadedModel, stacks: &[Option<Arc<LoraStack>>], steps: usize) -> Result<f64> {
     let n = stacks.len();
@@ -46,7 +55,7 @@ fn throughput(m: &LoadedModel, stacks: &[Option<Arc<LoraStack>>], steps: usize) 
             .collect();
         // As the scheduler does: decode rows in calls of at most `loraplex::runtime::cpu::fast::MAX_ROWS`.
         next.clear();
-        for chunk in seqs.chunks_mut(loraplex::runtime::cpu::fast::MAX_ROWS) {
+        for chunk in seqs.chunks_mut(call_rows()) {
             let l = loraplex::runtime::forward(&m.llama, chunk, LogitsMode::Last)?;
             next.extend(l.argmax(1)?.to_vec1::<u32>()?);
         }

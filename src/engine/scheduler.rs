@@ -179,16 +179,21 @@ pub(super) fn run(
             }
         }
         metrics.waiting.set(waiting.len() as i64);
-        metrics.running.set(running.len() as i64);
+        publish(&metrics, &running);
         if running.is_empty() {
             continue;
         }
         step(&model, &cfg, row_budget, &mut running, &metrics);
-        metrics
-            .kv_cache_bytes
-            .set(running.iter().map(|r| r.cache.bytes()).sum::<usize>() as i64);
-        metrics.running.set(running.len() as i64);
+        publish(&metrics, &running);
     }
+}
+
+/// The gauges of the running batch (also when it has just emptied: an idle server shows 0).
+fn publish(metrics: &EngineMetrics, running: &[Running]) {
+    metrics
+        .kv_cache_bytes
+        .set(running.iter().map(|r| r.cache.bytes()).sum::<usize>() as i64);
+    metrics.running.set(running.len() as i64);
 }
 
 /// One batched forward over the running sequences, then sampling and retiring.
@@ -232,8 +237,9 @@ fn step(
                 lora: r.sub.req.lora.clone(),
             });
         }
-        // Calls of at most the backend's row budget (on the CPU: the fast few-row path,
-        // bit-identical per row whatever the batch); a bigger prompt chunk goes alone.
+        // Calls of at most the backend's row budget (on the CPU a whole step fits one call of
+        // the slice kernels, bit-identical per row whatever the batch, so every weight is read
+        // once per step); a bigger prompt chunk goes alone.
         let mut rows = Vec::with_capacity(seqs.len());
         let mut start = 0;
         while start < seqs.len() {

@@ -30,7 +30,7 @@ use candle_core::{Device, Result, Tensor};
 #[derive(Copy, Clone, Debug, PartialEq, Eq, Default)]
 pub enum Kernels {
     /// The backend's own: on the CPU the slice kernels of `runtime::cpu` when the call has few
-    /// rows (decode steps, up to `cpu::fast::MAX_ROWS` new tokens in all) and f32 weights,
+    /// rows (a scheduler step: up to `cpu::fast::MAX_ROWS` new tokens in all) and f32 weights,
     /// candle ops otherwise; on a GPU the reference path with the per-row LoRA kernels.
     #[default]
     Auto,
@@ -62,7 +62,7 @@ impl Backend {
     /// splits a step into calls of at most this many rows (a bigger prompt chunk goes alone).
     pub fn row_budget(self) -> usize {
         match self {
-            // The slice kernels' limit: beyond it candle's gemm is faster.
+            // The slice kernels' limit: a whole step (decode rows + a prompt chunk) in one call.
             Backend::Cpu => cpu::fast::MAX_ROWS,
             // One launch per projection serves the whole batch; the weights are read once.
             #[cfg(feature = "cuda")]

@@ -280,7 +280,28 @@ pub fn sse_response(
                 .map(|c| UnboundedReceiverStream::new(c.rx).map(move |ev| (c.index, ev))),
         );
         let (mut prompt_tokens, mut completion_tokens, mut done) = (0, 0, 0);
-        while let Some((i, ev)) = merged.next().await {
+        loop {
+            // Wait for the next event or for the client to leave, whichever comes first: a
+            // client that leaves before its first token (queued, or during a long prefill)
+            // cancels its sequences now, not when the first token finds nobody to send to.
+            let next = tokio::select! {
+                ev = merged.next() => ev,
+                _ = tx.closed() => None,
+            };
+            let Some((i, ev)) = next else {
+                if tx.is_closed() {
+                    record(
+                        &state,
+                        &job,
+                        prompt_tokens,
+                        completion_tokens,
+                        started,
+                        "499",
+                    );
+                    return;
+                }
+                break;
+            };
             let choice = match ev {
                 EngineEvent::Token { text, logprob, .. } => {
                     if text.is_empty() && logprob.is_none() {

@@ -1,4 +1,5 @@
-//! The inference-only forward pass for few rows (decode steps, short prompt chunks).
+//! The inference-only forward pass for a scheduler step's rows (decode rows and prompt chunks,
+//! up to `MAX_ROWS` in one call).
 //!
 //! Same math as the candle-op path (`runtime::reference`), run on plain `f32` slices of the weights
 //! (read in place, no copies) with the kernels of `model::kernels`: per layer, one parallel pass
@@ -16,9 +17,11 @@ use crate::runtime::batch::{LogitsMode, RowGroups, SeqInput};
 use candle_core::{DType, Device, Result, Storage, StorageRef, Tensor};
 use rayon::prelude::*;
 
-/// The most rows (new tokens over all sequences) a forward call may have to take this path;
-/// more rows go to candle's gemm, which is faster there.
-pub const MAX_ROWS: usize = 16;
+/// The most rows (new tokens over all sequences) a forward call may have to take this path: a
+/// whole scheduler step (every decode row plus a prompt chunk) fits, so each weight is read
+/// once per step. Longer calls (long prompts outside the server) go to candle's gemm and its
+/// matmul attention, which scale better with the prompt length.
+pub const MAX_ROWS: usize = 512;
 
 /// Attention work (multiply-adds) from which sequences and heads are spread over threads.
 const ATTN_PARALLEL_MIN_WORK: usize = 1 << 16;

@@ -1,5 +1,5 @@
-//! The CPU backend's inference kernels: the few-row forward on slices (`fast`) and the AVX2/FMA
-//! matrix-vector kernels it runs (`kernels`).
+//! The CPU backend's inference kernels: the forward on slices for a scheduler step's rows
+//! (`fast`) and the AVX-512 / AVX2 kernels it runs (`kernels`).
 
 pub mod fast;
 pub mod kernels;

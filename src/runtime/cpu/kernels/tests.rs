@@ -50,7 +50,7 @@ fn matches_candle_matmul_on_odd_shapes() {
     .iter()
     .enumerate()
     {
-        for m in 1..=17 {
+        for m in (1..=17).chain([48, 64, 100]) {
             let seed = (s * 100 + m) as u64;
             let x = randn(m * k, seed);
             let w = randn(n * k, seed + 7);
@@ -64,10 +64,12 @@ fn matches_candle_matmul_on_odd_shapes() {
                 low_rank: vec![],
             };
             let want = candle_linear(&x, m, k, &w, n);
-            let scalar = linear_rows_with(std::slice::from_ref(&job), false)
-                .unwrap()
-                .remove(0);
-            close(&scalar, &want, 1e-5);
+            for isa in isas() {
+                let got = linear_rows_with(std::slice::from_ref(&job), isa)
+                    .unwrap()
+                    .remove(0);
+                close(&got, &want, 1e-5);
+            }
             let got = linear_rows(&[job]).unwrap().remove(0);
             close(&got, &want, 1e-5);
         }
@@ -102,9 +104,13 @@ fn bias_and_low_rank_match_candle() {
             bias: Some(&bias),
             low_rank,
         };
-        let scalar = linear_rows_with(std::slice::from_ref(&job), false)
-            .unwrap()
-            .remove(0);
+        let per_isa: Vec<Vec<f32>> = isas()
+            .map(|isa| {
+                linear_rows_with(std::slice::from_ref(&job), isa)
+                    .unwrap()
+                    .remove(0)
+            })
+            .collect();
         let got = linear_rows(&[job]).unwrap().remove(0);
         let mut want = candle_linear(&x, m, k, &w, n);
         let delta = candle_linear(&t, m, r, &b, n);
@@ -117,8 +123,77 @@ fn bias_and_low_rank_match_candle() {
             }
         }
         close(&got, &want, 1e-5);
-        close(&scalar, &want, 1e-5);
+        for one in &per_isa {
+            close(one, &want, 1e-5);
+        }
     }
+}
+
+/// Every instruction set this CPU runs, narrowest first.
+fn isas() -> impl Iterator<Item = Isa> {
+    [Isa::Scalar, Isa::Avx2, Isa::Avx512]
+        .into_iter()
+        .filter(|&i| i <= Isa::detect())
+}
+
+#[test]
+fn rows_do_not_depend_on_the_batch_on_any_isa() {
+    // 70 rows: split by input rows (many-row path); one row alone: split by weight rows. With a
+    // bias and low-rank terms on some rows, every value must be identical.
+    let (k, n, m, r) = (150, 37, 70, 3);
+    let w = randn(n * k, 11);
+    let x = randn(m * k, 12);
+    let bias = randn(n, 13);
+    let bt = randn(r * n, 14);
+    let t = randn(m * r, 15);
+    let low_rank = |rows: std::ops::Range<usize>| -> Vec<Option<LowRank<'_>>> {
+        rows.map(|i| {
+            (i % 3 == 1).then(|| LowRank {
+                bt: &bt,
+                t: &t[i * r..(i + 1) * r],
+            })
+        })
+        .collect()
+    };
+    let job = |i0: usize, rows: usize| LinearJob {
+        x: &x[i0 * k..(i0 + rows) * k],
+        m: rows,
+        k,
+        w: JobWeight::F32(&w),
+        n,
+        bias: Some(&bias),
+        low_rank: low_rank(i0..i0 + rows),
+    };
+    for isa in isas() {
+        let all = linear_rows_with(&[job(0, m)], isa).unwrap().remove(0);
+        let few = linear_rows_with(&[job(3, 9)], isa).unwrap().remove(0);
+        assert_eq!(few, all[3 * n..12 * n], "{isa:?}: 9 rows vs 70");
+        for i in 0..m {
+            let one = linear_rows_with(&[job(i, 1)], isa).unwrap().remove(0);
+            assert_eq!(one, all[i * n..(i + 1) * n], "{isa:?} row {i}");
+        }
+    }
+    // And against candle on the many-row path.
+    let got = linear_rows(&[job(0, m)]).unwrap().remove(0);
+    let mut want = candle_linear(&x, m, k, &w, n);
+    let delta = candle_linear(&t, m, r, &bt_as_b(&bt, r, n), n);
+    for i in 0..m {
+        for j in 0..n {
+            want[i * n + j] += bias[j] + if i % 3 == 1 { delta[i * n + j] } else { 0.0 };
+        }
+    }
+    close(&got, &want, 1e-4);
+}
+
+/// `bt: [r, n]` as `b: [n, r]` (what `candle_linear` multiplies by).
+fn bt_as_b(bt: &[f32], r: usize, n: usize) -> Vec<f32> {
+    let mut b = vec![0f32; n * r];
+    for q in 0..r {
+        for j in 0..n {
+            b[j * r + q] = bt[q * n + j];
+        }
+    }
+    b
 }
 
 #[test]
