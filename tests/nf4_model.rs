@@ -117,6 +117,35 @@ fn nf4_model_equals_the_dense_model_of_its_dequantized_weights() {
 }
 
 #[test]
+fn nf4_lm_head_equals_the_dense_lm_head_of_its_dequantized_weights() {
+    let settings = Nf4Settings::new(false);
+    let mut q = quantized(false);
+    let before = run(&q, &LONG[..5], &[], None, Kernels::Candle);
+    assert!(
+        q.quantize_lm_head(None, true).is_err(),
+        "needs NF4 settings"
+    );
+    q.quantize_lm_head(Some(settings), true).unwrap();
+    let lm = q.llama.lm_head_nf4.as_ref().expect("an NF4 lm_head");
+    assert!(lm.nf4().is_some());
+    let mut d = dequantized_copy(&q);
+    d.llama.lm_head = lm.dense_weight(&Device::Cpu).unwrap();
+    let after = run(&q, &LONG[..5], &[], None, Kernels::Candle);
+    assert!(
+        max_abs_diff(&before[4], &after[4]) > 1e-4,
+        "the NF4 lm_head is not used"
+    );
+    for kernels in [Kernels::Candle, Kernels::Auto] {
+        for prompt in [&LONG[..], &LONG[..3]] {
+            let got = run(&q, prompt, &FEED, None, kernels);
+            let want = run(&d, prompt, &FEED, None, kernels);
+            let what = format!("lm_head {kernels:?} prompt {}", prompt.len());
+            assert_close(&got, &want, 2e-3, &what);
+        }
+    }
+}
+
+#[test]
 fn unmerged_adapters_and_stacks_apply_on_the_nf4_base() {
     let q = quantized(true);
     let d = dequantized_copy(&q);

@@ -20,6 +20,9 @@ pub struct ServeArgs {
     /// With --quantize nf4: store the block scales in 8 bits too (double quantization).
     #[arg(long)]
     pub double_quant: bool,
+    /// With --quantize nf4: compute the logits from an NF4 copy of lm_head too.
+    #[arg(long)]
+    pub quantize_lm_head: bool,
     /// Where the base lives: auto, cpu, cuda or cuda:N. Default: auto (the GPU when built with
     /// `--features cuda` and one is visible, else the CPU)
     #[arg(long, env = "LORAPLEX_DEVICE")]
@@ -95,6 +98,7 @@ impl ServeArgs {
             c.kv_cache_bytes = self.kv_cache_bytes;
         }
         c.double_quant |= self.double_quant;
+        c.quantize_lm_head |= self.quantize_lm_head;
         if self.model.is_some() {
             c.model = self.model.clone();
         }

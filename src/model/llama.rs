@@ -30,6 +30,11 @@ pub struct Llama {
     pub blocks: Vec<Block>,
     pub norm: Tensor,
     pub lm_head: Tensor,
+    /// An NF4 copy of `lm_head` that inference uses for the logits when present
+    /// (`--quantize-lm-head`: a decode step then reads it instead of the f32 matrix, the largest
+    /// single read per token of a small model). `lm_head` itself stays: it is the embedding when
+    /// tied, and training reads it.
+    pub lm_head_nf4: Option<Linear>,
     /// lm_head is the embedding matrix (tied weights).
     tied: bool,
     rope: Rope,
@@ -190,6 +195,7 @@ impl Llama {
         Ok(Self {
             cfg,
             lm_head: lm_head.unwrap_or_else(|| embed.clone()),
+            lm_head_nf4: None,
             embed,
             blocks,
             norm,
@@ -278,6 +284,9 @@ impl Llama {
         if !self.tied {
             parts.push(tensor_bytes(&self.lm_head));
         }
+        if let Some(q) = &self.lm_head_nf4 {
+            parts.extend(q.bytes_by_dtype());
+        }
         for b in &self.blocks {
             parts.push(tensor_bytes(&b.attn_norm));
             parts.push(tensor_bytes(&b.mlp_norm));
@@ -346,6 +355,17 @@ impl Llama {
             .par_iter_mut()
             .flat_map(|b| b.proj.par_iter_mut())
             .try_for_each(|lin| lin.quantize(settings))
+    }
+
+    /// Keeps an NF4 copy of lm_head for inference's logits (see `lm_head_nf4`).
+    pub fn quantize_lm_head(&mut self, settings: Nf4Settings) -> anyhow::Result<()> {
+        let mut lin = Linear {
+            weight: LinearWeight::Dense(self.lm_head.clone()),
+            bias: None,
+        };
+        lin.quantize(settings)?;
+        self.lm_head_nf4 = Some(lin);
+        Ok(())
     }
 
     /// Adds `delta` (`[out, in]`) to one projection's weight (merging an adapter into the base).

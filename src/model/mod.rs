@@ -216,6 +216,22 @@ impl LoadedModel {
     }
 }
 
+impl LoadedModel {
+    /// With `on`, keeps an NF4 copy of lm_head for the logits (`--quantize-lm-head`), quantized
+    /// with the base's NF4 `settings`; asking for it without NF4 settings is an error.
+    pub fn quantize_lm_head(&mut self, settings: Option<Nf4Settings>, on: bool) -> Result<()> {
+        if !on {
+            return Ok(());
+        }
+        let Some(settings) = settings else {
+            anyhow::bail!("--quantize-lm-head (quantize_lm_head) needs --quantize nf4");
+        };
+        self.llama
+            .quantize_lm_head(settings)
+            .context("quantizing lm_head to NF4")
+    }
+}
+
 /// Returns freed heap pages to the OS (glibc keeps them otherwise, and the process would go on
 /// showing the dense weights' size as resident after they were quantized away).
 pub fn release_freed_memory() {

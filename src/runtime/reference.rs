@@ -109,7 +109,10 @@ pub fn forward(
         }
     };
     let x = candle_nn::ops::rms_norm(&x, &model.norm, model.cfg.rms_norm_eps as f32)?;
-    x.matmul(&model.lm_head.t()?)?.to_dtype(DType::F32)
+    match &model.lm_head_nf4 {
+        Some(q) => q.forward(&x)?.to_dtype(DType::F32),
+        None => x.matmul(&model.lm_head.t()?)?.to_dtype(DType::F32),
+    }
 }
 
 /// Runs decoder block `layer` alone on hidden states `x` (`[rows, hidden]`, the rows of `seqs`

@@ -17,6 +17,8 @@ pub struct ServeConfig {
     pub quantize: Quantize,
     /// With NF4: store the block scales in 8 bits too (double quantization).
     pub double_quant: bool,
+    /// With NF4: compute the logits from an NF4 copy of lm_head too.
+    pub quantize_lm_head: bool,
     /// `"auto"` (the GPU when built with `cuda` and one is visible), `"cpu"`, `"cuda"`, `"cuda:N"`.
     pub device: DeviceSpec,
     /// `"auto"` (bf16 on a GPU, f32 on the CPU), `"bf16"`, `"f16"`, `"f32"`.
@@ -54,6 +56,7 @@ impl Default for ServeConfig {
             model: None,
             quantize: Quantize::None,
             double_quant: false,
+            quantize_lm_head: false,
             device: DeviceSpec::Auto,
             dtype: DtypeSpec::Auto,
             kv_cache_bytes: None,
@@ -87,7 +90,11 @@ impl ServeConfig {
             "max_batch_size must be at least 1"
         );
         anyhow::ensure!(self.prefill_chunk >= 1, "prefill_chunk must be at least 1");
-        self.quantize.settings(self.double_quant)?;
+        let nf4 = self.quantize.settings(self.double_quant)?;
+        anyhow::ensure!(
+            nf4.is_some() || !self.quantize_lm_head,
+            "quantize_lm_head needs quantize = \"nf4\""
+        );
         anyhow::ensure!(
             self.adapter_cache_bytes >= 1,
             "adapter_cache_bytes must be positive"

@@ -499,11 +499,15 @@ fn forward_on_pool(
     let rows = x.len() / h;
     let x = rms_norm(&x, View::new(&model.norm)?.slice()?, eps);
     let lm = View::new(&model.lm_head)?;
+    let lm_weight = match model.lm_head_nf4.as_ref().map(|q| &q.weight) {
+        Some(LinearWeight::Nf4(packed)) => JobWeight::Nf4(packed),
+        _ => JobWeight::F32(lm.slice()?),
+    };
     let logits = kernels::linear_rows(&[LinearJob {
         x: &x,
         m: rows,
         k: h,
-        w: JobWeight::F32(lm.slice()?),
+        w: lm_weight,
         n: cfg.vocab_size,
         bias: None,
         low_rank: vec![],
