@@ -45,6 +45,32 @@ fn nf4_greedy_choices_track_the_f32_model() {
     }
 }
 
+/// `--quantize nf4 --double-quant --quantize-lm-head`: the logits from an NF4 lm_head too.
+/// Measured against the f32 model the same way as plain NF4 (agreement and held-out perplexity),
+/// with the same bars.
+#[test]
+fn nf4_with_a_quantized_lm_head_tracks_the_f32_model() {
+    let f32_model = load(None);
+    let (prompts, reference) = reference(&f32_model);
+    let settings = Nf4Settings::new(true);
+    let mut with_head = load(Some(settings));
+    with_head.quantize_lm_head(Some(settings), true).unwrap();
+    let a = agreement(&with_head, &prompts, &reference).unwrap();
+    eprintln!("NF4 + NF4 lm_head: {a:?}");
+    assert!(a.forced >= 0.6, "{a:?}");
+    assert!(a.first >= 7, "{a:?}");
+    // One dataset here (the three, and plain NF4 beside it, are in BENCHMARKS.md).
+    let (p32, ph) = (
+        test_perplexity(&f32_model, "chatbot"),
+        test_perplexity(&with_head, "chatbot"),
+    );
+    eprintln!(
+        "chatbot: perplexity f32 {p32:.3}, NF4 + lm_head {ph:.3} ({:+.2}%)",
+        (ph / p32 - 1.0) * 100.0
+    );
+    assert!(ph < 2.0 * p32, "perplexity {p32} -> {ph}");
+}
+
 fn repo(p: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(p)
 }
