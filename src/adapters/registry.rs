@@ -1,7 +1,8 @@
-//! The adapter registry and its bytes-capped cache.
+//! The adapter registry and its bytes-capped cache (registered adapters by version, and the
+//! combinations of them requests asked for).
 
 use super::valid_name;
-use crate::lora::{LoraAdapter, LoraStack};
+use crate::lora::{combine, CombineOptions, LoraAdapter, LoraStack};
 use crate::model::{LlamaConfig, Placement};
 use moka::future::Cache;
 use moka::notification::RemovalCause;
@@ -18,7 +19,18 @@ pub struct CachedAdapter {
     pub adapter: Arc<LoraAdapter>,
     /// The adapter alone at weight 1; shared by all requests for it so they batch as one group.
     pub stack: Arc<LoraStack>,
+    /// The registered version (0 for a combination).
     pub version: u64,
+}
+
+/// What the cache holds an entry under.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+enum CacheKey {
+    /// A registered adapter at one version.
+    Adapter(String, u64),
+    /// A combination: each member's `(name, version, weight's bits)` in order, and the method
+    /// with the parameters that change its result (`CombineOptions::key`).
+    Combined(Vec<(String, u64, u64)>, String),
 }
 
 impl CachedAdapter {
@@ -42,6 +54,9 @@ pub enum AdapterError {
     BadPath(String),
     #[error("adapter `{name}` cannot be loaded: {reason}")]
     Invalid { name: String, reason: String },
+    /// The adapters cannot be combined that way (unequal ranks, a rank too large, ...).
+    #[error("cannot combine the adapters: {0}")]
+    BadCombination(String),
 }
 
 /// What the admin API shows for one adapter.
@@ -127,8 +142,8 @@ pub struct AdapterRegistry {
     /// Where the base's weights live: cached stacks are built there.
     placement: Placement,
     records: RwLock<BTreeMap<String, Record>>,
-    cache: Cache<(String, u64), Arc<CachedAdapter>>,
-    alive: Mutex<HashMap<(String, u64), Weak<CachedAdapter>>>,
+    cache: Cache<CacheKey, Arc<CachedAdapter>>,
+    alive: Mutex<HashMap<CacheKey, Weak<CachedAdapter>>>,
     next_version: AtomicU64,
     metrics: Arc<AdapterMetrics>,
 }
@@ -163,12 +178,13 @@ impl AdapterRegistry {
         let evictions = metrics.evictions.clone();
         let cache = Cache::builder()
             .max_capacity(cache_bytes)
-            .weigher(|_k: &(String, u64), v: &Arc<CachedAdapter>| cached_bytes(v))
+            .weigher(|_k: &CacheKey, v: &Arc<CachedAdapter>| cached_bytes(v))
             .eviction_listener(move |_k, _v, cause| {
                 if cause == RemovalCause::Size {
                     evictions.inc();
                 }
             })
+            .support_invalidation_closures()
             .build();
         Ok(Self {
             dir,
@@ -288,16 +304,11 @@ impl AdapterRegistry {
         };
         if let Some(old) = old {
             // Running sequences keep their Arc; new requests get the new version.
-            self.cache
-                .invalidate(&(name.to_string(), old.version))
-                .await;
+            self.forget(name, old.version).await;
         }
-        self.cache.insert((name.to_string(), version), loaded).await;
-        self.remember(
-            name,
-            version,
-            &self.cache.get(&(name.to_string(), version)).await,
-        );
+        let key = CacheKey::Adapter(name.to_string(), version);
+        self.cache.insert(key.clone(), loaded).await;
+        self.remember(key.clone(), &self.cache.get(&key).await);
         self.summary(name)
             .await
             .ok_or_else(|| AdapterError::NotFound(name.to_string()))
@@ -311,10 +322,25 @@ impl AdapterRegistry {
             .unwrap_or_else(|e| e.into_inner())
             .remove(name)
             .ok_or_else(|| AdapterError::NotFound(name.to_string()))?;
-        self.cache
-            .invalidate(&(name.to_string(), rec.version))
-            .await;
+        self.forget(name, rec.version).await;
         Ok(())
+    }
+
+    /// Drops `name` at `version` from the cache, and every combination built from it.
+    async fn forget(&self, name: &str, version: u64) {
+        self.cache
+            .invalidate(&CacheKey::Adapter(name.to_string(), version))
+            .await;
+        let name = name.to_string();
+        let stale = move |k: &CacheKey, _: &Arc<CachedAdapter>| match k {
+            CacheKey::Combined(members, _) => {
+                members.iter().any(|(n, v, _)| *n == name && *v == version)
+            }
+            CacheKey::Adapter(..) => false,
+        };
+        if let Err(e) = self.cache.invalidate_entries_if(stale) {
+            tracing::warn!("cannot drop the combinations of a replaced adapter: {e}");
+        }
     }
 
     fn info_of(c: &CachedAdapter) -> (usize, f64, Vec<String>, usize) {
@@ -323,12 +349,31 @@ impl AdapterRegistry {
         (a.config.r, a.config.lora_alpha, targets, a.bytes())
     }
 
-    fn remember(&self, name: &str, version: u64, c: &Option<Arc<CachedAdapter>>) {
+    fn remember(&self, key: CacheKey, c: &Option<Arc<CachedAdapter>>) {
         if let Some(c) = c {
             let mut alive = self.alive.lock().unwrap_or_else(|e| e.into_inner());
             alive.retain(|_, w| w.strong_count() > 0);
-            alive.insert((name.to_string(), version), Arc::downgrade(c));
+            alive.insert(key, Arc::downgrade(c));
         }
+    }
+
+    /// The cached entry under `key`, or the same copy still in use by running sequences (put
+    /// back into the cache); counts the hit.
+    async fn cached(&self, key: &CacheKey) -> Option<Arc<CachedAdapter>> {
+        if let Some(c) = self.cache.get(key).await {
+            self.metrics.hits.inc();
+            return Some(c);
+        }
+        let in_use = self
+            .alive
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(key)
+            .and_then(Weak::upgrade)?;
+        // Evicted while sequences still use it: put the same copy back.
+        self.metrics.hits.inc();
+        self.cache.insert(key.clone(), in_use.clone()).await;
+        Some(in_use)
     }
 
     async fn load(
@@ -382,21 +427,8 @@ impl AdapterRegistry {
             rec.last_used = Some(now_secs());
             (rec.path.clone(), rec.version)
         };
-        let key = (name.to_string(), version);
-        if let Some(c) = self.cache.get(&key).await {
-            self.metrics.hits.inc();
-            return Ok(c);
-        }
-        let in_use = self
-            .alive
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(&key)
-            .and_then(Weak::upgrade);
-        if let Some(c) = in_use {
-            // Evicted while sequences still use it: put the same copy back.
-            self.metrics.hits.inc();
-            self.cache.insert(key, c.clone()).await;
+        let key = CacheKey::Adapter(name.to_string(), version);
+        if let Some(c) = self.cached(&key).await {
             return Ok(c);
         }
         self.metrics.misses.inc();
@@ -414,13 +446,74 @@ impl AdapterRegistry {
                     reason: other.to_string(),
                 },
             })?;
-        self.remember(name, version, &Some(c.clone()));
+        self.remember(key, &Some(c.clone()));
         {
             let mut recs = self.records.write().unwrap_or_else(|e| e.into_inner());
             if let Some(rec) = recs.get_mut(name) {
                 rec.info = Some(Self::info_of(&c));
             }
         }
+        self.cache.run_pending_tasks().await;
+        self.metrics.bytes.set(self.cache.weighted_size() as i64);
+        Ok(c)
+    }
+
+    /// The combination of registered adapters (`(name, weight)`, in order) by `opts`: computed
+    /// once per (names, versions, weights, method and parameters) in a blocking task, off the
+    /// scheduler thread, then cached like an adapter (its bytes count against the cap). A
+    /// replaced or removed member drops the combinations built from it.
+    pub async fn combined(
+        &self,
+        members: &[(String, f64)],
+        opts: &CombineOptions,
+    ) -> Result<Arc<CachedAdapter>, AdapterError> {
+        let mut loaded = Vec::with_capacity(members.len());
+        let mut parts = Vec::with_capacity(members.len());
+        for (name, weight) in members {
+            let c = self.get(name).await?;
+            parts.push((name.clone(), c.version, weight.to_bits()));
+            loaded.push((c.adapter.clone(), *weight));
+        }
+        let key = CacheKey::Combined(parts, opts.key());
+        if let Some(c) = self.cached(&key).await {
+            return Ok(c);
+        }
+        self.metrics.misses.inc();
+        let terms: Vec<String> = members.iter().map(|(n, w)| format!("{n}*{w}")).collect();
+        let name = format!("{}({})", opts.combination, terms.join("+"));
+        let (layers, at, opts) = (
+            self.base.num_hidden_layers,
+            self.placement.clone(),
+            opts.clone(),
+        );
+        let build = async move {
+            let res = tokio::task::spawn_blocking(move || -> anyhow::Result<CachedAdapter> {
+                let adapter = Arc::new(combine(&name, &loaded, &opts)?);
+                let stack = LoraStack::new_on(vec![(adapter.clone(), 1.0)], layers, &at)?;
+                Ok(CachedAdapter {
+                    adapter,
+                    stack: Arc::new(stack),
+                    version: 0,
+                })
+            })
+            .await;
+            match res {
+                Ok(Ok(c)) => Ok(Arc::new(c)),
+                Ok(Err(e)) => Err(AdapterError::BadCombination(format!("{e:#}"))),
+                Err(e) => Err(AdapterError::BadCombination(format!(
+                    "the worker failed: {e}"
+                ))),
+            }
+        };
+        let c = self
+            .cache
+            .try_get_with(key.clone(), build)
+            .await
+            .map_err(|e| match e.as_ref() {
+                AdapterError::BadCombination(m) => AdapterError::BadCombination(m.clone()),
+                other => AdapterError::BadCombination(other.to_string()),
+            })?;
+        self.remember(key, &Some(c.clone()));
         self.cache.run_pending_tasks().await;
         self.metrics.bytes.set(self.cache.weighted_size() as i64);
         Ok(c)
@@ -433,7 +526,9 @@ impl AdapterRegistry {
             .unwrap_or_else(|e| e.into_inner())
             .get(name)
             .cloned()?;
-        let loaded = self.cache.contains_key(&(name.to_string(), rec.version));
+        let loaded = self
+            .cache
+            .contains_key(&CacheKey::Adapter(name.to_string(), rec.version));
         let (rank, alpha, targets, bytes) = match rec.info {
             Some((r, a, t, b)) => (Some(r), Some(a), Some(t), Some(b)),
             None => (None, None, None, None),

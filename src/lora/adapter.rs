@@ -238,6 +238,57 @@ impl LoraAdapter {
         })
     }
 
+    /// Writes the adapter as a PEFT folder, `adapter_config.json` + `adapter_model.safetensors`
+    /// (f32, PEFT's key names), into `out`, which must not exist or be empty. The files are
+    /// written into a temporary sibling folder renamed into place, so a failure leaves nothing.
+    pub fn save_peft(&self, out: &Path) -> Result<()> {
+        if out.exists() {
+            let empty = out.is_dir() && std::fs::read_dir(out)?.next().is_none();
+            if !empty {
+                bail!(
+                    "output folder {} already exists and is not empty",
+                    out.display()
+                );
+            }
+            std::fs::remove_dir(out)?;
+        }
+        let parent = match out.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        std::fs::create_dir_all(&parent)
+            .with_context(|| format!("cannot create {}", parent.display()))?;
+        let tmp = tempfile::Builder::new()
+            .prefix(".loraplex-adapter-")
+            .tempdir_in(&parent)
+            .with_context(|| format!("cannot create a temporary folder in {}", parent.display()))?;
+        let mut tensors = HashMap::new();
+        for (&(layer, proj), m) in &self.modules {
+            let pre = format!(
+                "base_model.model.model.layers.{layer}.{}.{}",
+                proj.parent(),
+                proj.name()
+            );
+            let host = |t: &Tensor| -> Result<Tensor> {
+                Ok(t.to_dtype(DType::F32)?
+                    .to_device(&Device::Cpu)?
+                    .contiguous()?)
+            };
+            tensors.insert(format!("{pre}.lora_A.weight"), host(&m.a)?);
+            tensors.insert(format!("{pre}.lora_B.weight"), host(&m.b)?);
+        }
+        candle_core::safetensors::save(&tensors, tmp.path().join("adapter_model.safetensors"))
+            .context("cannot write adapter_model.safetensors")?;
+        std::fs::write(
+            tmp.path().join("adapter_config.json"),
+            serde_json::to_string_pretty(&self.config.to_json())?,
+        )?;
+        let kept = tmp.keep();
+        std::fs::rename(&kept, out)
+            .with_context(|| format!("cannot move the finished folder to {}", out.display()))?;
+        Ok(())
+    }
+
     /// Bytes of all LoRA tensors.
     pub fn bytes(&self) -> usize {
         self.modules

@@ -168,6 +168,41 @@ impl PeftLoraConfig {
         })
     }
 
+    /// The config as PEFT writes `adapter_config.json` (plain LoRA: the variants loraplex
+    /// refuses are written as off).
+    pub fn to_json(&self) -> Value {
+        let targets = match &self.target_modules {
+            TargetModules::List(l) => serde_json::json!(l),
+            TargetModules::Pattern(p) => serde_json::json!(p),
+        };
+        // PEFT writes a whole alpha as an integer.
+        let alpha = match self.lora_alpha.fract() == 0.0 && self.lora_alpha.abs() < 1e15 {
+            true => serde_json::json!(self.lora_alpha as i64),
+            false => serde_json::json!(self.lora_alpha),
+        };
+        serde_json::json!({
+            "peft_type": "LORA",
+            "task_type": "CAUSAL_LM",
+            "r": self.r,
+            "lora_alpha": alpha,
+            "lora_dropout": self.lora_dropout,
+            "target_modules": targets,
+            "use_rslora": self.use_rslora,
+            "rank_pattern": self.rank_pattern,
+            "alpha_pattern": self.alpha_pattern,
+            "bias": "none",
+            "fan_in_fan_out": self.fan_in_fan_out,
+            "use_dora": false,
+            "modules_to_save": null,
+            "init_lora_weights": true,
+            "inference_mode": true,
+            "layers_to_transform": null,
+            "layers_pattern": null,
+            "base_model_name_or_path": self.base_model_name_or_path,
+            "revision": null,
+        })
+    }
+
     pub fn from_file(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("cannot read {}", path.display()))?;
@@ -215,6 +250,21 @@ mod tests {
             "use_rslora": true, "target_modules": "all-linear"}))
         .unwrap();
         assert_eq!(rs.scaling_for("model.layers.0.mlp.up_proj"), 4.0);
+    }
+
+    #[test]
+    fn to_json_reads_back() {
+        let c = PeftLoraConfig::from_json(&json!({"r": 8, "lora_alpha": 16, "use_rslora": true,
+            "target_modules": ["q_proj", "v_proj"], "rank_pattern": {"v_proj": 4},
+            "alpha_pattern": {"q_proj": 2}, "base_model_name_or_path": "tiny"}))
+        .unwrap();
+        let back = PeftLoraConfig::from_json(&c.to_json()).unwrap();
+        assert_eq!(back.to_json(), c.to_json());
+        assert_eq!(
+            back.scaling_for("model.layers.0.self_attn.v_proj"),
+            16.0 / 2.0
+        );
+        assert_eq!(back.target_modules, c.target_modules);
     }
 
     #[test]

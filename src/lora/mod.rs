@@ -1,13 +1,20 @@
-//! PEFT LoRA adapters: config parsing and refusal of unsupported variants (`config`), loading and
-//! validation against a base (`adapter`), and the delta math — unmerged per row group, stacked,
-//! or merged (`stack`).
+//! PEFT LoRA adapters: config parsing and refusal of unsupported variants (`config`), loading,
+//! validation against a base and writing back (`adapter`), the delta math — unmerged per row
+//! group, stacked, or merged (`stack`) — and adapter arithmetic, PEFT's `add_weighted_adapter`
+//! (the methods and their parameters in `combination`, the math in `combine`, the truncated SVD
+//! in `svd`).
 
 pub mod adapter;
+pub mod combination;
+pub mod combine;
 pub mod config;
 pub mod stack;
+pub mod svd;
 pub mod synthetic;
 
 pub use adapter::{LoraAdapter, LoraModule};
+pub use combination::{Combination, CombineOptions, MajoritySign, OptionError};
+pub use combine::combine;
 pub use config::PeftLoraConfig;
 pub use stack::{requantize_warning, LoraPair, LoraStack};
 

@@ -120,6 +120,7 @@ impl From<crate::adapters::AdapterError> for ApiError {
                 err.code = Some("invalid_adapter");
                 err
             }
+            A::BadCombination(_) => Self::invalid(Some("combination"), e.to_string()),
         }
     }
 }

@@ -83,6 +83,22 @@ pub struct CommonParams {
     /// loraplex extension: a weighted stack of adapters.
     #[serde(default)]
     pub adapters: Option<Vec<AdapterRef>>,
+    /// loraplex extension: how `adapters` combine (PEFT's `combination_type`; absent or `cat`:
+    /// the weighted stack).
+    #[serde(default)]
+    pub combination: Option<String>,
+    /// The combination's pruning density, in (0, 1].
+    #[serde(default)]
+    pub density: Option<f64>,
+    /// The rank of an `_svd` combination.
+    #[serde(default)]
+    pub svd_rank: Option<i64>,
+    /// TIES' sign election: `total` or `frequency`.
+    #[serde(default)]
+    pub majority_sign_method: Option<String>,
+    /// The seed of a `dare_*` combination's masks.
+    #[serde(default)]
+    pub combination_seed: Option<u64>,
 }
 
 #[derive(Deserialize, Debug, Clone)]

@@ -129,6 +129,19 @@ pub fn write_tiny_gguf_with(
     lm_head: bool,
     chat_template: Option<&str>,
 ) {
+    let tokens: Vec<String> = (0..=255u8).map(byte_token).collect();
+    write_tiny_gguf_tokens(path, pre, lm_head, chat_template, &tokens);
+}
+
+/// `write_tiny_gguf_with` with the vocabulary's 256 strings given (e.g. `t0` .. `t255`, so that
+/// a token's text names its id).
+pub fn write_tiny_gguf_tokens(
+    path: &std::path::Path,
+    pre: &str,
+    lm_head: bool,
+    chat_template: Option<&str>,
+    token_strings: &[String],
+) {
     use candle_core::quantized::{gguf_file::Value, GgmlDType, QTensor};
     use candle_core::{Device, Tensor};
     let cfg: Value2 =
@@ -206,7 +219,8 @@ pub fn write_tiny_gguf_with(
             None,
         );
     }
-    let tokens: Vec<Value> = (0..=255u8).map(|b| Value::String(byte_token(b))).collect();
+    assert_eq!(token_strings.len(), 256);
+    let tokens: Vec<Value> = token_strings.iter().cloned().map(Value::String).collect();
     let md: Vec<(&str, Value)> = vec![
         ("general.architecture", Value::String("llama".into())),
         ("general.name", Value::String("tiny".into())),
