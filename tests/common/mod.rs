@@ -1,6 +1,7 @@
 //! Helpers shared by the integration tests: fixture paths and the golden file.
 #![allow(dead_code)]
 
+pub mod combos;
 pub mod golden;
 pub mod server;
 
