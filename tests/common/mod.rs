@@ -1,7 +1,10 @@
 //! Helpers shared by the integration tests: fixture paths and the golden file.
 #![allow(dead_code)]
 
+pub mod corrupt;
 pub mod golden;
+pub mod hostile_cases;
+pub mod raw;
 pub mod server;
 
 use serde_json::Value;
