@@ -225,6 +225,15 @@ impl AdapterRegistry {
                 tracing::warn!("skipping adapter folder `{name}`: not a valid adapter name");
                 continue;
             }
+            // The same rule as registration: a folder (or symlink) that resolves outside the
+            // adapters directory is served only with `allow_adapter_paths_outside`.
+            let path = match self.resolve_path(&name) {
+                Ok(p) => p,
+                Err(e) => {
+                    tracing::warn!("skipping adapter folder `{name}` ({}): {e}", path.display());
+                    continue;
+                }
+            };
             self.insert_record(&name, path);
             n += 1;
         }
@@ -278,6 +287,31 @@ impl AdapterRegistry {
             )));
         }
         Ok(canon)
+    }
+
+    /// `text` with the server's absolute paths taken out (for answers to clients; the log keeps
+    /// them): paths inside the adapters directory become relative to it, an adapter folder
+    /// outside it becomes its folder name.
+    pub fn without_paths(&self, text: &str, adapter_dir: &Path) -> String {
+        let mut out = text.to_string();
+        if !adapter_dir.starts_with(&self.dir) {
+            let shown = adapter_dir
+                .file_name()
+                .map(|n| n.to_string_lossy().to_string())
+                .unwrap_or_default();
+            out = out.replace(&adapter_dir.display().to_string(), &shown);
+        }
+        out = out.replace(&format!("{}/", self.dir.display()), "");
+        out.replace(&self.dir.display().to_string(), "<adapters_dir>")
+    }
+
+    /// How a client that is not an admin sees an adapter's path: relative to the adapters
+    /// directory, or the folder's name when it lives outside.
+    pub fn shown_path(&self, path: &Path) -> PathBuf {
+        match path.strip_prefix(&self.dir) {
+            Ok(rel) => rel.to_path_buf(),
+            Err(_) => path.file_name().map(PathBuf::from).unwrap_or_default(),
+        }
     }
 
     /// Registers (or replaces) adapter `name` at `path`, loading and validating it first.
@@ -385,6 +419,7 @@ impl AdapterRegistry {
         let base = self.base.clone();
         let at = self.placement.clone();
         let n = name.to_string();
+        let path = dir.clone();
         let t0 = Instant::now();
         let res = tokio::task::spawn_blocking(move || -> anyhow::Result<CachedAdapter> {
             let adapter = Arc::new(LoraAdapter::load(&n, &dir, &base)?);
@@ -405,10 +440,14 @@ impl AdapterRegistry {
             .observe(t0.elapsed().as_secs_f64());
         match res {
             Ok(Ok(c)) => Ok(Arc::new(c)),
-            Ok(Err(e)) => Err(AdapterError::Invalid {
-                name: name.to_string(),
-                reason: format!("{e:#}"),
-            }),
+            Ok(Err(e)) => {
+                let reason = format!("{e:#}");
+                tracing::warn!(adapter = name, path = %path.display(), "adapter refused: {reason}");
+                Err(AdapterError::Invalid {
+                    name: name.to_string(),
+                    reason: self.without_paths(&reason, &path),
+                })
+            }
             Err(e) => Err(AdapterError::Invalid {
                 name: name.to_string(),
                 reason: format!("loader failed: {e}"),

@@ -67,9 +67,25 @@ pub struct ServeArgs {
     /// Separate key for adapter admin routes.
     #[arg(long, env = "LORAPLEX_ADMIN_KEY", hide_env_values = true)]
     pub admin_key: Option<String>,
-    /// Allow registering adapter paths outside the adapters directory.
+    /// Allow adapter folders outside the adapters directory (registered through the API, or
+    /// symlinked into it).
     #[arg(long)]
     pub allow_adapter_paths_outside: bool,
+    /// Most open client connections (beyond: 503 and close). Default: 1024
+    #[arg(long)]
+    pub max_connections: Option<usize>,
+    /// Seconds for a request head once its first byte arrived. Default: 10
+    #[arg(long, value_name = "SECS")]
+    pub header_read_timeout: Option<f64>,
+    /// Seconds to receive a request body (beyond: 408). Default: 30
+    #[arg(long, value_name = "SECS")]
+    pub body_read_timeout: Option<f64>,
+    /// Seconds an idle connection stays open. Default: 30
+    #[arg(long, value_name = "SECS")]
+    pub keep_alive_timeout: Option<f64>,
+    /// Largest request body in bytes (beyond: 413). Default: 2 MiB
+    #[arg(long)]
+    pub max_body_bytes: Option<usize>,
 }
 
 impl ServeArgs {
@@ -92,8 +108,19 @@ impl ServeArgs {
             prefill_chunk,
             quantize,
             device,
-            dtype
+            dtype,
+            max_connections,
+            max_body_bytes
         );
+        if let Some(v) = self.header_read_timeout {
+            c.header_read_timeout_secs = v;
+        }
+        if let Some(v) = self.body_read_timeout {
+            c.body_read_timeout_secs = v;
+        }
+        if let Some(v) = self.keep_alive_timeout {
+            c.keep_alive_timeout_secs = v;
+        }
         if self.kv_cache_bytes.is_some() {
             c.kv_cache_bytes = self.kv_cache_bytes;
         }

@@ -114,7 +114,13 @@ impl PeftLoraConfig {
             .filter(|&r| r > 0)
             .context("adapter_config.json: `r` is missing or not a positive integer")?
             as usize;
-        let lora_alpha = v.get("lora_alpha").and_then(Value::as_f64).unwrap_or(8.0);
+        // PEFT's default when absent; present but not a number is an error, not the default.
+        let lora_alpha = match v.get("lora_alpha") {
+            None | Some(Value::Null) => 8.0,
+            Some(a) => a
+                .as_f64()
+                .context("adapter_config.json: `lora_alpha` must be a number")?,
+        };
         let target_modules = match v.get("target_modules") {
             Some(Value::Array(a)) => TargetModules::List(
                 a.iter()

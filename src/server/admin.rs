@@ -2,11 +2,14 @@
 
 use super::errors::ApiError;
 use super::openai::parse_body;
-use super::Shared;
+use super::{Caller, Shared};
+use crate::adapters::AdapterSummary;
 use axum::body::Bytes;
+use axum::extract::rejection::PathRejection;
 use axum::extract::{Path, State};
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
+use axum::Extension;
 use axum::Json;
 use serde::Deserialize;
 use serde_json::json;
@@ -31,8 +34,27 @@ pub async fn models(State(state): State<Shared>) -> Response {
     Json(json!({"object": "list", "data": data})).into_response()
 }
 
-pub async fn list_adapters(State(state): State<Shared>) -> Response {
-    Json(json!({"object": "list", "data": state.adapters.list().await})).into_response()
+/// An adapter's summary as `caller` may see it: the absolute path for the admin key only.
+fn shown(state: &Shared, caller: Caller, mut s: AdapterSummary) -> AdapterSummary {
+    if !caller.admin {
+        s.path = state.adapters.shown_path(&s.path);
+    }
+    s
+}
+
+pub async fn list_adapters(
+    State(state): State<Shared>,
+    caller: Option<Extension<Caller>>,
+) -> Response {
+    let caller = caller.map(|c| c.0).unwrap_or_default();
+    let data: Vec<AdapterSummary> = state
+        .adapters
+        .list()
+        .await
+        .into_iter()
+        .map(|s| shown(&state, caller, s))
+        .collect();
+    Json(json!({"object": "list", "data": data})).into_response()
 }
 
 #[derive(Deserialize)]
@@ -70,6 +92,7 @@ fn not_the_base_name(state: &Shared, name: &str) -> Result<(), ApiError> {
 /// `POST /v1/adapters {name, path}`: register (or replace) and load an adapter.
 pub async fn register_adapter(
     State(state): State<Shared>,
+    caller: Option<Extension<Caller>>,
     body: Bytes,
 ) -> Result<Response, ApiError> {
     merged_refusal(&state)?;
@@ -77,14 +100,21 @@ pub async fn register_adapter(
     not_the_base_name(&state, &b.name)?;
     let summary = state.adapters.register(&b.name, &b.path).await?;
     tracing::info!(adapter = %b.name, path = %summary.path.display(), "adapter registered");
-    Ok(Json(summary).into_response())
+    let caller = caller.map(|c| c.0).unwrap_or_default();
+    Ok(Json(shown(&state, caller, summary)).into_response())
 }
 
 /// `DELETE /v1/adapters/{name}`.
 pub async fn delete_adapter(
     State(state): State<Shared>,
-    Path(name): Path<String>,
+    name: Result<Path<String>, PathRejection>,
 ) -> Result<Response, ApiError> {
+    let Path(name) = name.map_err(|e| {
+        ApiError::invalid(
+            Some("name"),
+            format!("the adapter name in the path is not valid: {e}"),
+        )
+    })?;
     merged_refusal(&state)?;
     state
         .adapters

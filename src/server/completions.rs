@@ -27,24 +27,69 @@ fn count_error(state: &Shared, label: &str, e: &ApiError) {
     tracing::info!(adapter = label, status = e.status.as_u16(), error = %e.message, "request refused");
 }
 
-pub async fn chat(State(state): State<Shared>, body: Bytes) -> Response {
-    match chat_inner(&state, &body).await {
-        Ok(r) => r,
-        Err((label, e)) => {
-            count_error(&state, &label, &e);
-            e.into_response()
+/// Counts a request as `cancelled` when its handler is dropped before answering (the client went
+/// away; hyper drops the future). Streams count their own ending in `stream`.
+struct Pending {
+    state: Shared,
+    /// `unresolved` until the adapter set is known.
+    label: String,
+    started: Instant,
+    armed: bool,
+}
+
+impl Pending {
+    fn new(state: &Shared) -> Self {
+        Self {
+            state: state.clone(),
+            label: "unresolved".into(),
+            started: Instant::now(),
+            armed: true,
         }
     }
 }
 
-pub async fn completion(State(state): State<Shared>, body: Bytes) -> Response {
-    match completion_inner(&state, &body).await {
+impl Drop for Pending {
+    fn drop(&mut self) {
+        if self.armed {
+            self.state
+                .metrics
+                .requests
+                .with_label_values(&[self.label.as_str(), "cancelled"])
+                .inc();
+            tracing::info!(
+                adapter = %self.label,
+                latency_ms = self.started.elapsed().as_millis() as u64,
+                status = "cancelled",
+                "request"
+            );
+        }
+    }
+}
+
+pub async fn chat(State(state): State<Shared>, body: Bytes) -> Response {
+    let mut pending = Pending::new(&state);
+    let resp = match chat_inner(&state, &body, &mut pending.label).await {
         Ok(r) => r,
         Err((label, e)) => {
             count_error(&state, &label, &e);
             e.into_response()
         }
-    }
+    };
+    pending.armed = false;
+    resp
+}
+
+pub async fn completion(State(state): State<Shared>, body: Bytes) -> Response {
+    let mut pending = Pending::new(&state);
+    let resp = match completion_inner(&state, &body, &mut pending.label).await {
+        Ok(r) => r,
+        Err((label, e)) => {
+            count_error(&state, &label, &e);
+            e.into_response()
+        }
+    };
+    pending.armed = false;
+    resp
 }
 
 type Failure = (String, ApiError);
@@ -53,12 +98,17 @@ fn label_err(label: &str) -> impl Fn(ApiError) -> Failure + '_ {
     move |e| (label.to_string(), e)
 }
 
-async fn chat_inner(state: &Shared, body: &[u8]) -> Result<Response, Failure> {
+async fn chat_inner(
+    state: &Shared,
+    body: &[u8],
+    pending_label: &mut String,
+) -> Result<Response, Failure> {
     let req: ChatRequest = parse_body(body).map_err(label_err("invalid"))?;
     let resolved = resolve(state, &req.common)
         .await
         .map_err(label_err("invalid"))?;
     let label = resolved.label.clone();
+    pending_label.clone_from(&label);
     let fail = label_err(&label);
     let tok = state.model.tokenizer.as_ref().ok_or_else(|| {
         fail(ApiError::invalid(
@@ -138,12 +188,17 @@ async fn chat_inner(state: &Shared, body: &[u8]) -> Result<Response, Failure> {
         .map_err(fail)
 }
 
-async fn completion_inner(state: &Shared, body: &[u8]) -> Result<Response, Failure> {
+async fn completion_inner(
+    state: &Shared,
+    body: &[u8],
+    pending_label: &mut String,
+) -> Result<Response, Failure> {
     let req: CompletionRequest = parse_body(body).map_err(label_err("invalid"))?;
     let resolved = resolve(state, &req.common)
         .await
         .map_err(label_err("invalid"))?;
     let label = resolved.label.clone();
+    pending_label.clone_from(&label);
     let fail = label_err(&label);
     let vocab = state.model.llama.cfg.vocab_size;
     let (prompt_ids, prompt_text) = match &req.prompt {
@@ -173,6 +228,12 @@ async fn completion_inner(state: &Shared, body: &[u8]) -> Result<Response, Failu
             (ids, text.clone())
         }
     };
+    if state.model.tokenizer.is_none() && req.common.stop.is_some() {
+        return Err(fail(ApiError::invalid(
+            Some("stop"),
+            "stop strings need a tokenizer; this model has none (it takes and gives token ids)",
+        )));
+    }
     let top = req.logprobs.unwrap_or(0);
     if !(0..=MAX_TOP_LOGPROBS).contains(&top) {
         return Err(fail(ApiError::invalid(
@@ -212,6 +273,14 @@ async fn run(
     job: Job,
 ) -> Result<Response, ApiError> {
     let n = common.choices()?;
+    // What the engine checks when it admits the sequence, checked here first: whatever it would
+    // refuse is the request's fault (400), not a failure of the server.
+    crate::generate::SequenceState::new(
+        params.clone(),
+        state.model.eos_ids.clone(),
+        state.model.tokenizer.as_ref(),
+    )
+    .map_err(|e| ApiError::invalid(None, format!("{e:#}")))?;
     let mut choices = Vec::with_capacity(n);
     for i in 0..n {
         let mut p = params.clone();
@@ -225,7 +294,10 @@ async fn run(
                 label: job.label.clone(),
             })
             .map_err(|e| match e {
-                SubmitError::QueueFull(_) => ApiError::overloaded(e.to_string()),
+                SubmitError::QueueFull(_) => ApiError::overloaded(
+                    e.to_string(),
+                    state.rate.retry_after(state.engine.waiting()),
+                ),
                 SubmitError::Stopped => ApiError::unavailable(e.to_string()),
                 SubmitError::KvTooLarge { .. } => {
                     ApiError::invalid(Some("max_tokens"), e.to_string())

@@ -30,7 +30,8 @@ pub struct ServeConfig {
     pub port: u16,
     /// Folder whose subfolders are PEFT adapters, named by the folder.
     pub adapters_dir: PathBuf,
-    /// Let `POST /v1/adapters` register paths outside `adapters_dir`.
+    /// Serve adapter folders that resolve (symlinks followed) outside `adapters_dir`: registered
+    /// through the API or symlinked into it. Off: both are refused.
     pub allow_adapter_paths_outside: bool,
     /// Adapters to load at start-up.
     pub preload: Vec<String>,
@@ -48,6 +49,17 @@ pub struct ServeConfig {
     pub api_key: Option<String>,
     /// Bearer key for adapter admin routes (unset = `api_key`). `LORAPLEX_ADMIN_KEY` also sets it.
     pub admin_key: Option<String>,
+    /// Most open client connections; beyond it a new connection gets a 503 and is closed.
+    /// Lowered at start-up to what the open-file limit allows.
+    pub max_connections: usize,
+    /// Seconds from the first byte of a request head to its end before the connection is closed.
+    pub header_read_timeout_secs: f64,
+    /// Seconds to receive a whole request body (beyond: 408).
+    pub body_read_timeout_secs: f64,
+    /// Seconds an idle connection (no request in progress, no byte of a new one) stays open.
+    pub keep_alive_timeout_secs: f64,
+    /// Largest request body in bytes (beyond: 413).
+    pub max_body_bytes: usize,
 }
 
 impl Default for ServeConfig {
@@ -72,6 +84,11 @@ impl Default for ServeConfig {
             prefill_chunk: 256,
             api_key: None,
             admin_key: None,
+            max_connections: 1024,
+            header_read_timeout_secs: 10.0,
+            body_read_timeout_secs: 30.0,
+            keep_alive_timeout_secs: 30.0,
+            max_body_bytes: 2 << 20,
         }
     }
 }
@@ -99,7 +116,27 @@ impl ServeConfig {
             self.adapter_cache_bytes >= 1,
             "adapter_cache_bytes must be positive"
         );
+        anyhow::ensure!(
+            self.max_connections >= 1,
+            "max_connections must be at least 1"
+        );
+        anyhow::ensure!(self.max_body_bytes >= 1, "max_body_bytes must be positive");
+        for (key, v) in [
+            ("header_read_timeout_secs", self.header_read_timeout_secs),
+            ("body_read_timeout_secs", self.body_read_timeout_secs),
+            ("keep_alive_timeout_secs", self.keep_alive_timeout_secs),
+        ] {
+            anyhow::ensure!(
+                v.is_finite() && v > 0.0 && v <= 86_400.0,
+                "{key} must be a number of seconds in (0, 86400] (got {v})"
+            );
+        }
         Ok(())
+    }
+
+    /// A validated number of seconds as a `Duration`.
+    pub fn secs(v: f64) -> std::time::Duration {
+        std::time::Duration::from_secs_f64(v.clamp(0.001, 86_400.0))
     }
 }
 
@@ -132,5 +169,16 @@ mod tests {
         assert!(toml::from_str::<ServeConfig>("quantize = \"int3\"").is_err());
         let dq_alone: ServeConfig = toml::from_str("double_quant = true").unwrap();
         assert!(dq_alone.validate().is_err());
+        assert_eq!(c.max_connections, 1024);
+        assert_eq!(c.max_body_bytes, 2 << 20);
+        for bad in [
+            "header_read_timeout_secs = 0.0",
+            "keep_alive_timeout_secs = -1.0",
+            "body_read_timeout_secs = 1e300",
+            "max_connections = 0",
+        ] {
+            let c: ServeConfig = toml::from_str(bad).unwrap();
+            assert!(c.validate().is_err(), "{bad}");
+        }
     }
 }

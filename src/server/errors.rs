@@ -65,11 +65,11 @@ impl ApiError {
         e
     }
 
-    /// 429 with `Retry-After`.
-    pub fn overloaded(message: impl Into<String>) -> Self {
+    /// 429 with `Retry-After: retry_after` seconds (`rate::ServiceRate::retry_after`).
+    pub fn overloaded(message: impl Into<String>, retry_after: u64) -> Self {
         let mut e = Self::new(StatusCode::TOO_MANY_REQUESTS, "rate_limit_error", message);
         e.code = Some("too_many_requests");
-        e.retry_after = Some(1);
+        e.retry_after = Some(retry_after);
         e
     }
 
@@ -80,9 +80,11 @@ impl ApiError {
         e
     }
 
-    /// 503 (shutting down).
+    /// 503 (shutting down, or too many connections).
     pub fn unavailable(message: impl Into<String>) -> Self {
-        Self::new(StatusCode::SERVICE_UNAVAILABLE, "server_error", message)
+        let mut e = Self::new(StatusCode::SERVICE_UNAVAILABLE, "server_error", message);
+        e.code = Some("unavailable");
+        e
     }
 
     /// The JSON body.

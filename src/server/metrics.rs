@@ -1,6 +1,6 @@
 //! Request-level Prometheus metrics and the registry that all server metrics live in.
 
-use prometheus::{IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
+use prometheus::{IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
 
 /// Counters by adapter label.
 pub struct ServerMetrics {
@@ -12,6 +12,9 @@ pub struct ServerMetrics {
     pub base_bytes_by_dtype: IntGaugeVec,
     /// Bytes on the base's device by kind: `weights`, `kv`, `adapters` (host memory on the CPU).
     pub device_memory: IntGaugeVec,
+    pub open_connections: IntGauge,
+    pub refused_connections: IntCounter,
+    pub timed_out_connections: IntCounter,
 }
 
 impl ServerMetrics {
@@ -43,10 +46,29 @@ impl ServerMetrics {
             &["kind"],
         )?;
         registry.register(Box::new(device_memory.clone()))?;
+        let open_connections =
+            IntGauge::new("loraplex_open_connections", "Client connections open now")?;
+        registry.register(Box::new(open_connections.clone()))?;
+        let counter = |name: &str, help: &str| -> prometheus::Result<IntCounter> {
+            let c = IntCounter::new(name, help)?;
+            registry.register(Box::new(c.clone()))?;
+            Ok(c)
+        };
+        let refused_connections = counter(
+            "loraplex_refused_connections_total",
+            "Connections answered 503 and closed because max_connections were open",
+        )?;
+        let timed_out_connections = counter(
+            "loraplex_timed_out_connections_total",
+            "Connections closed for idling past keep_alive_timeout or a request head slower than header_read_timeout",
+        )?;
         Ok(Self {
+            open_connections,
+            refused_connections,
+            timed_out_connections,
             requests: vec(
                 "loraplex_requests_total",
-                "Requests by adapter and HTTP status",
+                "Requests by adapter and status: the HTTP status answered (200, 400, 404, 429, 500, 503, ...), or cancelled when the client went away before the answer was complete",
                 &["adapter", "status"],
             )?,
             prompt_tokens: vec(

@@ -2,16 +2,22 @@
 //!
 //! Routes: `POST /v1/chat/completions`, `POST /v1/completions`, `GET /v1/models`, adapter admin
 //! (`GET/POST /v1/adapters`, `DELETE /v1/adapters/{name}`, vLLM's `POST /v1/load_lora_adapter` and
-//! `POST /v1/unload_lora_adapter`), `GET /health`, `GET /metrics`.
+//! `POST /v1/unload_lora_adapter`), `GET /health`, `GET /metrics`. Connections are served by
+//! `conn` (cap and timeouts); `wire` buffers request bodies and keeps every error in the OpenAI
+//! shape.
 
 mod admin;
 mod completions;
 pub mod config;
+mod conn;
+mod conn_io;
 mod errors;
 mod metrics;
-mod openai;
+pub mod openai;
+mod rate;
 mod resolve;
 mod stream;
+mod wire;
 
 pub use config::ServeConfig;
 pub use errors::ApiError;
@@ -48,6 +54,17 @@ pub struct AppState {
     pub api_key: Option<String>,
     pub admin_key: Option<String>,
     pub started: u64,
+    /// Finished requests per second, for `Retry-After`.
+    pub rate: rate::ServiceRate,
+    pub body_limits: Arc<wire::BodyLimits>,
+}
+
+/// Who is calling, as the auth middleware established it (in the request's extensions).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Caller {
+    /// Holds the admin key (`admin_key`, or `api_key` when no admin key is set). With no key
+    /// configured nobody is: absolute paths stay out of answers.
+    pub admin: bool,
 }
 
 impl AppState {
@@ -72,13 +89,17 @@ fn bearer(req: &Request) -> Option<&str> {
     scheme.eq_ignore_ascii_case("bearer").then(|| key.trim())
 }
 
-/// API keys: every `/v1` route needs `api_key`; adapter admin routes need `admin_key` (or
-/// `api_key` when no admin key is set).
-async fn auth(State(state): State<Shared>, req: Request, next: Next) -> Response {
+/// API keys: every `/v1` route needs `api_key` (or the admin key); adapter admin routes need
+/// `admin_key` (or `api_key` when no admin key is set). Records the `Caller` for the handlers.
+async fn auth(State(state): State<Shared>, mut req: Request, next: Next) -> Response {
     let path = req.uri().path();
     if !path.starts_with("/v1/") {
         return next.run(req).await;
     }
+    let admin_cred = state.admin_key.as_deref().or(state.api_key.as_deref());
+    let caller = Caller {
+        admin: admin_cred.is_some() && bearer(&req) == admin_cred,
+    };
     let admin = path == "/v1/load_lora_adapter"
         || path == "/v1/unload_lora_adapter"
         || (path.starts_with("/v1/adapters") && req.method() != Method::GET);
@@ -94,13 +115,15 @@ async fn auth(State(state): State<Shared>, req: Request, next: Next) -> Response
                 )
                 .into_response()
             }
-            Some(k) if k != key => {
+            // The admin key opens every route the API key opens.
+            Some(k) if k != key && !caller.admin => {
                 let what = if admin { "admin key" } else { "API key" };
                 return ApiError::unauthorized(format!("invalid {what}")).into_response();
             }
             Some(_) => {}
         }
     }
+    req.extensions_mut().insert(caller);
     next.run(req).await
 }
 
@@ -120,7 +143,15 @@ pub fn router(state: Shared) -> Router {
         .route("/health", get(admin::health))
         .route("/metrics", get(admin::metrics))
         .fallback(admin::fallback)
+        // `wire::buffer_body` enforces `max_body_bytes` before any extractor runs.
+        .layer(axum::extract::DefaultBodyLimit::disable())
+        .layer(axum::middleware::from_fn_with_state(
+            state.body_limits.clone(),
+            wire::buffer_body,
+        ))
         .layer(axum::middleware::from_fn_with_state(state.clone(), auth))
+        .layer(axum::middleware::from_fn(wire::head_limits))
+        .layer(axum::middleware::from_fn(wire::openai_errors))
         .with_state(state)
 }
 
@@ -217,6 +248,11 @@ pub async fn build_state(cfg: &ServeConfig) -> Result<Shared> {
         api_key: cfg.api_key.clone().filter(|k| !k.is_empty()),
         admin_key: cfg.admin_key.clone().filter(|k| !k.is_empty()),
         started,
+        rate: rate::ServiceRate::new(),
+        body_limits: Arc::new(wire::BodyLimits {
+            max_bytes: cfg.max_body_bytes,
+            read_timeout: ServeConfig::secs(cfg.body_read_timeout_secs),
+        }),
     }))
 }
 
@@ -276,10 +312,17 @@ pub async fn serve(cfg: ServeConfig) -> Result<()> {
         crate::runtime::device::describe(&placement.device),
         format!("{:?}", placement.dtype).to_lowercase()
     );
-    axum::serve(listener, router(state))
-        .with_graceful_shutdown(shutdown_signal())
-        .await
-        .context("server error")?;
+    let limits = conn::ConnLimits {
+        max_connections: conn::connections_that_fit(cfg.max_connections),
+        header_read_timeout: ServeConfig::secs(cfg.header_read_timeout_secs),
+        keep_alive_timeout: ServeConfig::secs(cfg.keep_alive_timeout_secs),
+    };
+    let metrics = conn::ConnMetrics {
+        open: state.metrics.open_connections.clone(),
+        refused: state.metrics.refused_connections.clone(),
+        timed_out: state.metrics.timed_out_connections.clone(),
+    };
+    conn::serve_connections(listener, router(state), limits, metrics, shutdown_signal()).await;
     eprintln!("loraplex: shut down");
     Ok(())
 }

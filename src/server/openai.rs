@@ -99,6 +99,14 @@ pub struct CommonParams {
     /// The seed of a `dare_*` combination's masks.
     #[serde(default)]
     pub combination_seed: Option<u64>,
+    /// Accepted at their neutral value only (0 / empty): the sampler has no penalties or biases,
+    /// and a request that relies on them is refused rather than silently answered without.
+    #[serde(default)]
+    pub frequency_penalty: Option<f64>,
+    #[serde(default)]
+    pub presence_penalty: Option<f64>,
+    #[serde(default)]
+    pub logit_bias: Option<serde_json::Map<String, Value>>,
 }
 
 #[derive(Deserialize, Debug, Clone)]
@@ -133,7 +141,8 @@ pub struct CompletionRequest {
     pub echo: Option<bool>,
 }
 
-/// Parses a JSON body into `T`, answering 400 with serde's reason on failure.
+/// Parses a JSON body into `T`, answering 400 with serde's reason on failure. (Public for the
+/// fuzz targets, with `ChatRequest`/`CompletionRequest` and `CommonParams::generation_params`.)
 pub fn parse_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
     let v: Value = serde_json::from_slice(body)
         .map_err(|e| ApiError::invalid(None, format!("the request body is not valid JSON: {e}")))?;
@@ -208,6 +217,33 @@ impl CommonParams {
             }
             Some(k) => Some(k as usize),
         };
+        for (name, v) in [
+            ("frequency_penalty", self.frequency_penalty),
+            ("presence_penalty", self.presence_penalty),
+        ] {
+            match v {
+                None => {}
+                Some(p) if !p.is_finite() || !(-2.0..=2.0).contains(&p) => {
+                    return Err(ApiError::invalid(
+                        Some(name),
+                        format!("{name} must be between -2 and 2 (got {p})"),
+                    ))
+                }
+                Some(p) if p != 0.0 => {
+                    return Err(ApiError::invalid(
+                        Some(name),
+                        format!("{name} is not supported by this server (only 0)"),
+                    ))
+                }
+                Some(_) => {}
+            }
+        }
+        if self.logit_bias.as_ref().is_some_and(|m| !m.is_empty()) {
+            return Err(ApiError::invalid(
+                Some("logit_bias"),
+                "logit_bias is not supported by this server (only an empty object)",
+            ));
+        }
         let stop = match &self.stop {
             None => Vec::new(),
             Some(StopSpec::One(s)) => vec![s.clone()],
@@ -269,6 +305,93 @@ impl ChatMessageIn {
                 }
                 Ok(out)
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::generate::SequenceState;
+    use candle_core::{Device, Tensor};
+
+    /// Whatever `generation_params` accepts, the sampler takes without failing: extreme values
+    /// of every field are either refused up front (400) or sample fine.
+    #[test]
+    fn accepted_sampling_values_never_fail_in_the_sampler() {
+        let temps = [
+            0.0, 1e-300, 1e-8, 1e-7, 1e-6, 0.5, 1.0, 2.0, 2.0001, -0.0, 1e308,
+        ];
+        let top_ps = [MIN_TOP_P, 1e-3, 0.5, 0.999_999, 1.0, 1.5, 0.0];
+        let top_ks = [-2, -1, 0, 1, 2, 255, 256, 257, i64::MAX];
+        let seeds = [0, 1, u64::MAX];
+        let logits = Tensor::new(
+            (0..256)
+                .map(|i| ((i * 37) % 101) as f32 / 7.0 - 5.0)
+                .collect::<Vec<_>>(),
+            &Device::Cpu,
+        )
+        .unwrap();
+        let (mut accepted, mut refused) = (0, 0);
+        for &temperature in &temps {
+            for &top_p in &top_ps {
+                for &top_k in &top_ks {
+                    for &seed in &seeds {
+                        let p = CommonParams {
+                            model: "m".into(),
+                            temperature: Some(temperature),
+                            top_p: Some(top_p),
+                            top_k: Some(top_k),
+                            seed: Some(seed),
+                            ..Default::default()
+                        };
+                        match p.generation_params(Some(4), 3, 256, 20, true) {
+                            Err(e) => {
+                                assert_eq!(e.status.as_u16(), 400);
+                                refused += 1;
+                            }
+                            Ok(g) => {
+                                let mut st = SequenceState::new(g, vec![], None).unwrap();
+                                for _ in 0..4 {
+                                    st.step(&logits).unwrap_or_else(|e| {
+                                        panic!("{temperature} {top_p} {top_k} {seed}: {e:#}")
+                                    });
+                                }
+                                accepted += 1;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        assert!(accepted > 100 && refused > 100, "{accepted} {refused}");
+    }
+
+    #[test]
+    fn penalties_and_logit_bias_only_at_their_neutral_value() {
+        let with = |v: Value| -> Result<GenerationParams, ApiError> {
+            let mut body = serde_json::json!({"model": "m", "prompt": "x"});
+            for (k, x) in v.as_object().unwrap() {
+                body[k] = x.clone();
+            }
+            let r: CompletionRequest = parse_body(body.to_string().as_bytes())?;
+            r.common.generation_params(Some(2), 1, 16, 0, false)
+        };
+        for ok in [
+            serde_json::json!({"frequency_penalty": 0}),
+            serde_json::json!({"presence_penalty": 0.0, "logit_bias": {}}),
+        ] {
+            assert!(with(ok.clone()).is_ok(), "{ok}");
+        }
+        for bad in [
+            serde_json::json!({"frequency_penalty": 0.5}),
+            serde_json::json!({"presence_penalty": -3}),
+            serde_json::json!({"presence_penalty": "x"}),
+            serde_json::json!({"logit_bias": {"5": 100}}),
+            serde_json::json!({"logit_bias": [1]}),
+        ] {
+            let e = with(bad.clone()).unwrap_err();
+            assert_eq!(e.status.as_u16(), 400, "{bad}");
         }
     }
 }

@@ -126,6 +126,7 @@ fn record(
     started: Instant,
     status: &str,
 ) {
+    state.rate.finished();
     let m = &state.metrics;
     m.requests
         .with_label_values(&[job.label.as_str(), status])
@@ -175,7 +176,8 @@ pub async fn collect(
                     break;
                 }
                 EngineEvent::Error(e) => {
-                    record(state, &job, 0, 0, started, "500");
+                    // Counted by the handler, like every error it answers.
+                    state.rate.finished();
                     return Err(ApiError::internal(e));
                 }
             }
@@ -271,6 +273,7 @@ pub fn sse_response(
                 },
             };
             if tx.send(Ok(chunk(first))).await.is_err() {
+                record(&state, &job, 0, 0, started, "cancelled");
                 return;
             }
         }
@@ -296,7 +299,7 @@ pub fn sse_response(
                         prompt_tokens,
                         completion_tokens,
                         started,
-                        "499",
+                        "cancelled",
                     );
                     return;
                 }
@@ -357,13 +360,29 @@ pub fn sse_response(
                     prompt_tokens,
                     completion_tokens,
                     started,
-                    "499",
+                    "cancelled",
                 );
                 return;
             }
             if done == n {
                 break;
             }
+        }
+        if done < n {
+            // The engine dropped the sequences without finishing them (it is stopping).
+            let err = ApiError::unavailable("the engine stopped before the sequence finished");
+            let _ = tx
+                .send(Ok(Event::default().data(err.body().to_string())))
+                .await;
+            record(
+                &state,
+                &job,
+                prompt_tokens,
+                completion_tokens,
+                started,
+                "503",
+            );
+            return;
         }
         if include_usage {
             let v = json!({"id": id, "object": object, "created": created, "model": job.model, "choices": [],

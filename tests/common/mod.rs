@@ -2,7 +2,10 @@
 #![allow(dead_code)]
 
 pub mod combos;
+pub mod corrupt;
 pub mod golden;
+pub mod hostile_cases;
+pub mod raw;
 pub mod server;
 
 use serde_json::Value;

@@ -51,6 +51,11 @@ impl Server {
     }
 
     /// Sends SIGTERM and waits for the process; returns its exit status.
+    /// The server process id (to sample its memory from /proc).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     pub fn terminate(&mut self) -> std::process::ExitStatus {
         let pid = self.child.id().to_string();
         Command::new("kill").args(["-TERM", &pid]).status().unwrap();
