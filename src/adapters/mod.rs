@@ -7,9 +7,11 @@
 //! back instead of loading a second copy. Replacing an adapter gives it a new version (a new cache
 //! key); running sequences keep the version they started with.
 
+mod metrics;
 mod registry;
 
-pub use registry::{AdapterError, AdapterMetrics, AdapterRegistry, AdapterSummary, CachedAdapter};
+pub use metrics::AdapterMetrics;
+pub use registry::{AdapterError, AdapterRegistry, AdapterSummary, CachedAdapter};
 
 /// Whether `name` is an acceptable adapter name: `[A-Za-z0-9._-]{1,64}`, not `.` or `..`.
 pub fn valid_name(name: &str) -> bool {
