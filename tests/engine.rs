@@ -61,6 +61,8 @@ fn request(prompt: Vec<u32>, max_tokens: usize) -> EngineRequest {
         },
         lora: None,
         label: "base".into(),
+        prompt_logprobs: None,
+        prompt_only: false,
     }
 }
 
@@ -72,6 +74,7 @@ fn collect(mut rx: tokio::sync::mpsc::UnboundedReceiver<EngineEvent>) -> Result<
             EngineEvent::Token { id, .. } => ids.push(id),
             EngineEvent::Done { .. } => return Ok(ids),
             EngineEvent::Error(e) => return Err(e),
+            EngineEvent::PromptLogprobs(_) => return Err("unasked prompt logprobs".into()),
         }
     }
     Err("channel closed".into())
@@ -119,4 +122,94 @@ fn the_kv_budget_refuses_what_can_never_fit_and_queues_the_rest() {
     for rx in rxs {
         assert_eq!(collect(rx).unwrap().len(), 17);
     }
+}
+
+/// Events of one sequence until Done: its prompt logprobs (if sent), generated ids, and the
+/// completion token count Done reported.
+type Scored = (
+    Option<Vec<loraplex::engine::PromptLogprob>>,
+    Vec<u32>,
+    usize,
+);
+
+fn collect_scored(mut rx: tokio::sync::mpsc::UnboundedReceiver<EngineEvent>) -> Scored {
+    let (mut prompt, mut ids) = (None, Vec::new());
+    while let Some(ev) = rx.blocking_recv() {
+        match ev {
+            EngineEvent::PromptLogprobs(v) => {
+                assert!(
+                    prompt.is_none() && ids.is_empty(),
+                    "sent once, before any token"
+                );
+                prompt = Some(v);
+            }
+            EngineEvent::Token { id, .. } => ids.push(id),
+            EngineEvent::Done {
+                completion_tokens, ..
+            } => return (prompt, ids, completion_tokens),
+            EngineEvent::Error(e) => panic!("{e}"),
+        }
+    }
+    panic!("channel closed");
+}
+
+#[test]
+fn prompt_logprobs_match_a_full_forward_across_chunks_and_batch_mates() {
+    let m = Arc::new(model::load_path(&tiny_model(), &Device::Cpu).unwrap());
+    let prompt: Vec<u32> = vec![3, 14, 15, 92, 65, 35, 89, 79, 32, 38, 46];
+    // Reference: one forward over the whole prompt, every row's log-softmax.
+    let mut cache = m.llama.new_cache();
+    let mut seqs = [loraplex::runtime::SeqInput {
+        tokens: &prompt,
+        cache: &mut cache,
+        lora: None,
+    }];
+    let logits =
+        loraplex::runtime::forward(&m.llama, &mut seqs, loraplex::runtime::LogitsMode::All)
+            .unwrap();
+    let lp: Vec<Vec<f32>> = candle_nn::ops::log_softmax(&logits, 1)
+        .unwrap()
+        .to_vec2()
+        .unwrap();
+    // A prefill chunk of 4 splits the prompt in three; a decoding batch-mate shares the steps.
+    let registry = prometheus::Registry::new();
+    let metrics = Arc::new(EngineMetrics::new(&registry).unwrap());
+    let cfg = EngineConfig {
+        prefill_chunk: 4,
+        ..EngineConfig::default()
+    };
+    let e = EngineHandle::start(m, cfg, metrics);
+    let mate = e.submit(request(vec![4, 4, 4], 60)).unwrap();
+    let scored = |prompt_only: bool| EngineRequest {
+        prompt_logprobs: Some(3),
+        prompt_only,
+        ..request(prompt.clone(), 5)
+    };
+    let (got, ids, n) = collect_scored(e.submit(scored(false)).unwrap());
+    assert_eq!((ids.len(), n), (5, 5));
+    let got = got.expect("prompt logprobs sent");
+    assert_eq!(got.len(), prompt.len());
+    assert_eq!(got[0], (prompt[0], None));
+    for (k, (id, scored)) in got.iter().enumerate().skip(1) {
+        assert_eq!(*id, prompt[k]);
+        let (chosen, top) = scored.as_ref().unwrap();
+        let want = lp[k - 1][prompt[k] as usize];
+        assert!(
+            (chosen.logprob - want).abs() < 1e-4,
+            "{k}: {} vs {want}",
+            chosen.logprob
+        );
+        assert_eq!(top.len(), 3);
+        let best = lp[k - 1].iter().cloned().fold(f32::MIN, f32::max);
+        assert!((top[0].logprob - best).abs() < 1e-4);
+    }
+    // Alone, the same sequence generates the same tokens: scoring changes nothing else.
+    let (none, alone, _) = collect_scored(e.submit(request(prompt.clone(), 5)).unwrap());
+    assert!(none.is_none());
+    assert_eq!(alone, ids);
+    // Prompt only: the scores, then Done with nothing generated.
+    let (again, ids, n) = collect_scored(e.submit(scored(true)).unwrap());
+    assert_eq!((ids.len(), n), (0, 0));
+    assert_eq!(again.unwrap(), got);
+    assert_eq!(collect(mate).unwrap().len(), 60);
 }

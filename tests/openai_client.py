@@ -48,7 +48,21 @@ for model in (base_model, adapter):
     comp = client.completions.create(model=model, prompt="The capital of France is", max_tokens=5,
                                      temperature=0, logprobs=2, echo=True)
     assert comp.choices[0].text.startswith("The capital of France is")
-    assert len(comp.choices[0].logprobs.tokens) == comp.usage.completion_tokens
+    # echo + logprobs: the prompt's tokens are scored too (the first has no score), then the
+    # generated ones.
+    lp = comp.choices[0].logprobs
+    assert len(lp.tokens) == comp.usage.prompt_tokens + comp.usage.completion_tokens, lp
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None, lp
+    assert all(x is not None and x <= 0 for x in lp.token_logprobs[1:]), lp
+    # max_tokens=0 with echo scores the prompt alone (lm-eval's loglikelihood requests).
+    score = client.completions.create(model=model, prompt="The capital of France is", max_tokens=0,
+                                      echo=True, logprobs=1)
+    assert score.choices[0].text == "The capital of France is", score
+    assert score.usage.completion_tokens == 0, score
+    n = comp.usage.prompt_tokens
+    got = score.choices[0].logprobs.token_logprobs
+    assert len(got) == n and got[0] is None, score
+    assert all(abs(a - b) < 1e-4 for a, b in zip(got[1:], lp.token_logprobs[1:n])), (got, lp)
     ids = client.completions.create(model=model, prompt=[1, 2, 3], max_tokens=3, temperature=0)
     assert ids.usage.prompt_tokens == 3
     seen[model] = {"chat": text, "completion": comp.choices[0].text}

@@ -81,3 +81,26 @@ fn openai_client_and_batched_equality_on_the_default_model() {
     });
     assert_eq!(alone, together);
 }
+
+/// The README's first curl, on the README's first command (no config, no sampling fields in the
+/// request): the default model's recommended sampling is in force and the answer makes sense.
+#[test]
+fn the_readme_curl_gets_a_sensible_answer() {
+    loraplex::fetch::ensure_default_model().unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let server = Server::start(&["--adapters-dir", tmp.path().to_str().unwrap()]);
+    let (_, models) = server.get("/v1/models");
+    let models: Value = serde_json::from_str(&models).unwrap();
+    assert_eq!(
+        models["data"][0]["sampling_defaults"],
+        json!({"temperature": 0.2, "top_p": 0.9})
+    );
+    let body = json!({"model": "SmolLM2-135M-Instruct",
+                      "messages": [{"role": "user", "content": "What is the capital of France?"}]});
+    for _ in 0..2 {
+        let (status, r) = server.post("/v1/chat/completions", &body);
+        assert_eq!(status, 200, "{r}");
+        let answer = r["choices"][0]["message"]["content"].as_str().unwrap();
+        assert!(answer.contains("Paris"), "{answer}");
+    }
+}

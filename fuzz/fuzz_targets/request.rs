@@ -13,7 +13,7 @@ fuzz_target!(|data: &[u8]| {
         }
         let max = r.max_completion_tokens.or(r.common.max_tokens);
         let top = r.top_logprobs.unwrap_or(0).clamp(0, 20) as usize;
-        let _ = r.common.generation_params(max, 5, 256, top, true);
+        let _ = r.common.generation_params(&Default::default(), max, 5, 256, top, true);
     } else if let Err(e) = parse_body::<ChatRequest>(data) {
         assert_eq!(e.status.as_u16(), 400);
     }
@@ -21,6 +21,6 @@ fuzz_target!(|data: &[u8]| {
         let _ = r.common.choices();
         let _ = r
             .common
-            .generation_params(r.common.max_tokens, 1, 256, 0, false);
+            .generation_params(&Default::default(), r.common.max_tokens, 1, 256, 0, false);
     }
 });

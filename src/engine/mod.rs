@@ -53,7 +53,17 @@ pub struct EngineRequest {
     pub lora: Option<Arc<LoraStack>>,
     /// Label for metrics and logs (`base`, an adapter name, or a stack label).
     pub label: String,
+    /// Score the prompt too (completions' `echo` with `logprobs`): each prompt token's
+    /// log-probability under the tokens before it, with this many alternatives; sent as one
+    /// [`EngineEvent::PromptLogprobs`] when the prefill completes.
+    pub prompt_logprobs: Option<usize>,
+    /// Stop when the prefill completes, generating nothing (`echo` with `max_tokens: 0`: score
+    /// a text). `params.max_tokens` still bounds the KV reservation.
+    pub prompt_only: bool,
 }
+
+/// One prompt token and, from the second on, its log-probability and top alternatives.
+pub type PromptLogprob = (u32, Option<(TokenLogprob, Vec<TokenLogprob>)>);
 
 /// What a sequence reports back.
 #[derive(Clone, Debug)]
@@ -64,6 +74,8 @@ pub enum EngineEvent {
         text: String,
         logprob: Option<(TokenLogprob, Vec<TokenLogprob>)>,
     },
+    /// Every prompt token's log-probability (first: none), once, before the first token.
+    PromptLogprobs(Vec<PromptLogprob>),
     /// The sequence ended.
     Done {
         reason: FinishReason,

@@ -1,9 +1,12 @@
 //! The scheduler loop (runs on its own thread): admit, batch, forward, sample, stream, retire.
 
-use super::{kv_bytes_per_position, kv_positions, EngineConfig, EngineEvent, Submission};
+use super::{
+    kv_bytes_per_position, kv_positions, EngineConfig, EngineEvent, PromptLogprob, Submission,
+};
 use crate::generate::SequenceState;
 use crate::model::{KvCache, LoadedModel};
 use crate::runtime::{Backend, LogitsMode, SeqInput};
+use crate::sampling::logprobs;
 use candle_core::Tensor;
 use prometheus::{Histogram, HistogramOpts, IntCounter, IntGauge, Registry};
 use std::collections::VecDeque;
@@ -91,6 +94,8 @@ struct Running {
     last_token_at: Option<Instant>,
     /// KV bytes reserved for this sequence against the engine's budget.
     kv_reserved: usize,
+    /// Prompt logprobs gathered so far (when the request asked for them).
+    prompt_lp: Vec<PromptLogprob>,
 }
 
 pub(super) fn run(
@@ -170,6 +175,7 @@ pub(super) fn run(
                     prefilled: 0,
                     next: None,
                     last_token_at: None,
+                    prompt_lp: Vec::new(),
                     sub,
                 }),
                 Err(e) => {
@@ -186,6 +192,22 @@ pub(super) fn run(
         step(&model, &cfg, row_budget, &mut running, &metrics);
         publish(&metrics, &running);
     }
+}
+
+/// Scores the prompt tokens this chunk's rows predict: row `j` (position `prefilled + j`)
+/// gives the distribution of the prompt token after it. The first prompt token has no score.
+fn score_prompt(r: &mut Running, rows: &Tensor, chunk: usize, top: usize) -> anyhow::Result<()> {
+    let prompt = &r.sub.req.prompt_ids;
+    if let (0, Some(&first)) = (r.prefilled, prompt.first()) {
+        r.prompt_lp.push((first, None));
+    }
+    for j in 0..chunk {
+        let pos = r.prefilled + j + 1;
+        let Some(&id) = prompt.get(pos) else { break };
+        let lp = logprobs(&rows.get(j)?, id, top)?;
+        r.prompt_lp.push((id, Some(lp)));
+    }
+    Ok(())
 }
 
 /// The gauges of the running batch (also when it has just emptied: an idle server shows 0).
@@ -225,7 +247,15 @@ fn step(
         return;
     }
     metrics.batch_size.observe(plan.len() as f64);
-    // One result per planned sequence: its last row's logits, or why its forward failed.
+    // Sequences scoring their prompt need a row of logits per prompt token, not just the last.
+    let all_rows: Vec<bool> = plan
+        .iter()
+        .map(|(i, _, _)| {
+            running[*i].next.is_none() && running[*i].sub.req.prompt_logprobs.is_some()
+        })
+        .collect();
+    // One result per planned sequence: its rows' logits (`[1, vocab]`, or one row per new token
+    // when it scores its prompt), or why its forward failed.
     let rows: Vec<Result<Tensor, String>> = {
         let mut slots: Vec<Option<&mut Running>> = running.iter_mut().map(Some).collect();
         let mut seqs: Vec<SeqInput> = Vec::with_capacity(plan.len());
@@ -248,19 +278,39 @@ fn step(
                 n += seqs[end].tokens.len();
                 end += 1;
             }
-            let forward = |part: &mut [SeqInput<'_>]| {
-                crate::runtime::forward(&model.llama, part, LogitsMode::Last)
-            };
-            match forward(&mut seqs[start..end]) {
-                Ok(l) => rows.extend((0..end - start).map(|j| l.get(j).map_err(|e| e.to_string()))),
-                Err(e) if end - start == 1 => rows.push(Err(e.to_string())),
+            let forward =
+                |part: &mut [SeqInput<'_>], all: &[bool]| -> Result<Vec<Tensor>, String> {
+                    let lens: Vec<usize> = part.iter().map(|s| s.tokens.len()).collect();
+                    let mode = match all.iter().any(|&a| a) {
+                        true => LogitsMode::All,
+                        false => LogitsMode::Last,
+                    };
+                    let l = crate::runtime::forward(&model.llama, part, mode)
+                        .map_err(|e| e.to_string())?;
+                    let mut off = 0;
+                    let mut out = Vec::with_capacity(part.len());
+                    for (j, len) in lens.into_iter().enumerate() {
+                        let t = match mode {
+                            LogitsMode::Last => l.narrow(0, j, 1),
+                            LogitsMode::All if all[j] => l.narrow(0, off, len),
+                            LogitsMode::All => l.narrow(0, off + len - 1, 1),
+                        };
+                        off += len;
+                        out.push(t.map_err(|e| e.to_string())?);
+                    }
+                    Ok(out)
+                };
+            match forward(&mut seqs[start..end], &all_rows[start..end]) {
+                Ok(l) => rows.extend(l.into_iter().map(Ok)),
+                Err(e) if end - start == 1 => rows.push(Err(e)),
                 Err(e) => {
                     // No cache advanced: run each sequence alone, so that one sequence's error
                     // (a token outside the context, device memory) fails that sequence only.
                     tracing::warn!("batched forward failed ({e}); retrying its sequences alone");
                     for j in start..end {
-                        let alone = forward(&mut seqs[j..j + 1]).and_then(|l| l.get(0));
-                        rows.push(alone.map_err(|e| e.to_string()));
+                        let alone = forward(&mut seqs[j..j + 1], &all_rows[j..j + 1])
+                            .and_then(|mut l| l.pop().ok_or_else(|| "no logits".to_string()));
+                        rows.push(alone);
                     }
                 }
             }
@@ -284,12 +334,51 @@ fn step(
             }
         };
         if r.next.is_none() {
+            if let Some(top) = r.sub.req.prompt_logprobs {
+                if let Err(e) = score_prompt(r, logits, toks.len(), top) {
+                    let _ = r
+                        .sub
+                        .events
+                        .send(EngineEvent::Error(format!("prompt logprobs failed: {e:#}")));
+                    finished[*i] = true;
+                    continue;
+                }
+            }
             r.prefilled += toks.len();
         }
         if !completes {
             continue;
         }
-        let out = r.state.step(logits);
+        let last = logits.dim(0).and_then(|n| logits.get(n - 1));
+        let logits = match last {
+            Ok(l) => l,
+            Err(e) => {
+                let _ = r
+                    .sub
+                    .events
+                    .send(EngineEvent::Error(format!("inference failed: {e}")));
+                finished[*i] = true;
+                continue;
+            }
+        };
+        if r.state.ids.is_empty() && r.sub.req.prompt_logprobs.is_some() {
+            let _ = r
+                .sub
+                .events
+                .send(EngineEvent::PromptLogprobs(std::mem::take(
+                    &mut r.prompt_lp,
+                )));
+        }
+        if r.sub.req.prompt_only {
+            let _ = r.sub.events.send(EngineEvent::Done {
+                reason: crate::generate::FinishReason::Length,
+                prompt_tokens: r.sub.req.prompt_ids.len(),
+                completion_tokens: 0,
+            });
+            finished[*i] = true;
+            continue;
+        }
+        let out = r.state.step(&logits);
         let now = Instant::now();
         match out {
             Ok(out) => {

@@ -14,17 +14,24 @@ use axum::Json;
 use serde::Deserialize;
 use serde_json::json;
 
-/// `GET /v1/models`: the base and every adapter (adapters with `parent` = the base id).
+/// `GET /v1/models`: the base and every adapter (adapters with `parent` = the base id); the base's
+/// entry carries `sampling_defaults`.
 pub async fn models(State(state): State<Shared>) -> Response {
     let base = state.base_id().to_string();
     let card = |id: &str, parent: Option<&str>| {
         json!({"id": id, "object": "model", "created": state.started, "owned_by": "loraplex",
                "root": base, "parent": parent})
     };
+    // The base's card (or the merged model's) also says what omitted sampling fields default to.
+    let base_card = |id: &str| {
+        let mut c = card(id, None);
+        c["sampling_defaults"] = json!(state.sampling);
+        c
+    };
     let data = match &state.merged {
-        Some(m) => vec![card(&m.name, None)],
+        Some(m) => vec![base_card(&m.name)],
         None => {
-            let mut d = vec![card(&base, None)];
+            let mut d = vec![base_card(&base)];
             for a in state.adapters.list().await {
                 d.push(card(&a.name, Some(&base)));
             }

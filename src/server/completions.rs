@@ -170,6 +170,7 @@ async fn chat_inner(
     let params = req
         .common
         .generation_params(
+            &state.sampling,
             max,
             prompt_ids.len(),
             state.model.llama.max_context(),
@@ -182,6 +183,8 @@ async fn chat_inner(
         echo: None,
         model: req.common.model.clone(),
         label: label.clone(),
+        prompt_logprobs: None,
+        prompt_only: false,
     };
     run(state, &req.common, prompt_ids, params, resolved.lora, job)
         .await
@@ -241,22 +244,32 @@ async fn completion_inner(
             format!("logprobs must be between 0 and {MAX_TOP_LOGPROBS}"),
         )));
     }
+    let echo = req.echo.unwrap_or(false);
+    // `echo` with `max_tokens: 0` scores the prompt and generates nothing (as lm-eval's
+    // loglikelihood requests do); checked and reserved as one token.
+    let prompt_only = echo && req.common.max_tokens == Some(0);
     let params = req
         .common
         .generation_params(
-            req.common.max_tokens,
+            &state.sampling,
+            if prompt_only {
+                Some(1)
+            } else {
+                req.common.max_tokens
+            },
             prompt_ids.len(),
             state.model.llama.max_context(),
             top as usize,
             req.logprobs.is_some(),
         )
         .map_err(&fail)?;
-    let echo = req.echo.unwrap_or(false).then_some(prompt_text);
     let job = Job {
         flavor: Flavor::Completion,
-        echo,
+        echo: echo.then_some(prompt_text),
         model: req.common.model.clone(),
         label: label.clone(),
+        prompt_logprobs: (echo && req.logprobs.is_some()).then_some(top as usize),
+        prompt_only,
     };
     run(state, &req.common, prompt_ids, params, resolved.lora, job)
         .await
@@ -292,6 +305,8 @@ async fn run(
                 params: p,
                 lora: lora.clone(),
                 label: job.label.clone(),
+                prompt_logprobs: job.prompt_logprobs,
+                prompt_only: job.prompt_only,
             })
             .map_err(|e| match e {
                 SubmitError::QueueFull(_) => ApiError::overloaded(

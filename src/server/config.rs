@@ -1,6 +1,7 @@
 //! `loraplex serve` settings: a TOML file (`configs/default.toml` documents every key) with
 //! command-line flags on top.
 
+use super::defaults::SamplingDefaults;
 use crate::model::Quantize;
 use crate::runtime::{DeviceSpec, DtypeSpec};
 use anyhow::{Context, Result};
@@ -60,6 +61,11 @@ pub struct ServeConfig {
     pub keep_alive_timeout_secs: f64,
     /// Largest request body in bytes (beyond: 413).
     pub max_body_bytes: usize,
+    /// Read the model's `generation_config.json` for sampling defaults (they win over
+    /// `[sampling]`).
+    pub use_generation_config: bool,
+    /// `[sampling]`: defaults for fields a request leaves out (after the model's own).
+    pub sampling: SamplingDefaults,
 }
 
 impl Default for ServeConfig {
@@ -89,6 +95,8 @@ impl Default for ServeConfig {
             body_read_timeout_secs: 30.0,
             keep_alive_timeout_secs: 30.0,
             max_body_bytes: 2 << 20,
+            use_generation_config: true,
+            sampling: SamplingDefaults::default(),
         }
     }
 }
@@ -121,6 +129,7 @@ impl ServeConfig {
             "max_connections must be at least 1"
         );
         anyhow::ensure!(self.max_body_bytes >= 1, "max_body_bytes must be positive");
+        self.sampling.validate().context("[sampling]")?;
         for (key, v) in [
             ("header_read_timeout_secs", self.header_read_timeout_secs),
             ("body_read_timeout_secs", self.body_read_timeout_secs),
@@ -160,6 +169,7 @@ mod tests {
         );
         assert!(toml::from_str::<ServeConfig>("device = \"tpu\"").is_err());
         assert!(toml::from_str::<ServeConfig>("prot = 1").is_err());
+        assert!(toml::from_str::<ServeConfig>("[sampling]\ntemprature = 1.0").is_err());
         let nf4: ServeConfig = toml::from_str("quantize = \"nf4\"\ndouble_quant = true").unwrap();
         nf4.validate().unwrap();
         assert_eq!(
@@ -171,11 +181,20 @@ mod tests {
         assert!(dq_alone.validate().is_err());
         assert_eq!(c.max_connections, 1024);
         assert_eq!(c.max_body_bytes, 2 << 20);
+        // The shipped config sets what the default model's card recommends.
+        assert_eq!(
+            c.sampling,
+            super::super::defaults::DEFAULT_MODEL_RECOMMENDED
+        );
+        assert!(c.use_generation_config);
         for bad in [
             "header_read_timeout_secs = 0.0",
             "keep_alive_timeout_secs = -1.0",
             "body_read_timeout_secs = 1e300",
             "max_connections = 0",
+            "[sampling]\ntemperature = 3.0",
+            "[sampling]\ntop_p = 0.0",
+            "[sampling]\nmax_tokens = 0",
         ] {
             let c: ServeConfig = toml::from_str(bad).unwrap();
             assert!(c.validate().is_err(), "{bad}");

@@ -11,6 +11,7 @@ mod completions;
 pub mod config;
 mod conn;
 mod conn_io;
+pub mod defaults;
 mod errors;
 mod metrics;
 pub mod openai;
@@ -57,6 +58,8 @@ pub struct AppState {
     /// Finished requests per second, for `Retry-After`.
     pub rate: rate::ServiceRate,
     pub body_limits: Arc<wire::BodyLimits>,
+    /// What requests that leave sampling fields out get (model, then `[sampling]`).
+    pub sampling: defaults::SamplingDefaults,
 }
 
 /// Who is calling, as the auth middleware established it (in the request's extensions).
@@ -198,6 +201,7 @@ pub async fn build_state(cfg: &ServeConfig) -> Result<Shared> {
         .device_memory
         .with_label_values(&["weights"])
         .set(bytes as i64);
+    let sampling = sampling_defaults(cfg, &model)?;
     let model = Arc::new(model);
     let adapter_metrics = Arc::new(AdapterMetrics::new(&metrics.registry)?);
     let adapters = Arc::new(AdapterRegistry::new(
@@ -253,7 +257,31 @@ pub async fn build_state(cfg: &ServeConfig) -> Result<Shared> {
             max_bytes: cfg.max_body_bytes,
             read_timeout: ServeConfig::secs(cfg.body_read_timeout_secs),
         }),
+        sampling,
     }))
+}
+
+/// The model's sampling defaults (its `generation_config.json`; for the default model, its
+/// card's recommendation) over the config's `[sampling]`, logged with where each came from.
+fn sampling_defaults(cfg: &ServeConfig, model: &LoadedModel) -> Result<defaults::SamplingDefaults> {
+    use defaults::SamplingDefaults;
+    let from_model = if !cfg.use_generation_config {
+        SamplingDefaults::default()
+    } else if model.path.is_dir() {
+        SamplingDefaults::from_generation_config(&model.path)?
+    } else if model.path.file_name() == Some(std::ffi::OsStr::new(crate::fetch::DEFAULT_MODEL_FILE))
+    {
+        defaults::DEFAULT_MODEL_RECOMMENDED
+    } else {
+        SamplingDefaults::default()
+    };
+    let d = from_model.or(cfg.sampling);
+    // On stderr whatever the log level: answers depend on it.
+    eprintln!(
+        "loraplex: sampling defaults: {}",
+        d.describe(&from_model, &cfg.sampling)
+    );
+    Ok(d)
 }
 
 /// `--merge name[:w]...`: folds those adapters (from the adapters directory) into the base.

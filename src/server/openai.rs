@@ -1,5 +1,6 @@
 //! OpenAI wire types for requests, and their validation into engine parameters.
 
+use super::defaults::SamplingDefaults;
 use super::errors::ApiError;
 use crate::generate::GenerationParams;
 use crate::sampling::{SamplingParams, MIN_TOP_P};
@@ -159,9 +160,12 @@ pub fn parse_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiE
 pub const MAX_N: i64 = 8;
 
 impl CommonParams {
-    /// Validates and converts sampling fields. `prompt_len` and `ctx` bound `max_tokens`.
+    /// Validates and converts sampling fields; those the request leaves out come from
+    /// `defaults` (then OpenAI's). `prompt_len` and `ctx` bound `max_tokens` (a default one is
+    /// cut to fit, a requested one that cannot fit is refused).
     pub fn generation_params(
         &self,
+        defaults: &SamplingDefaults,
         max_tokens: Option<i64>,
         prompt_len: usize,
         ctx: usize,
@@ -177,8 +181,11 @@ impl CommonParams {
                 format!("the prompt has {prompt_len} tokens; the model's context is {ctx} tokens"),
             ));
         }
+        let room = ctx - prompt_len;
         let max_tokens = match max_tokens {
-            None => ctx - prompt_len,
+            None => defaults
+                .max_tokens
+                .map_or(room, |m| usize::try_from(m).unwrap_or(room).clamp(1, room)),
             Some(m) if m <= 0 => {
                 return Err(ApiError::invalid(Some("max_tokens"), format!("max_tokens must be at least 1 (got {m})")))
             }
@@ -193,21 +200,21 @@ impl CommonParams {
             }
             Some(m) => m as usize,
         };
-        let temperature = self.temperature.unwrap_or(1.0);
+        let temperature = self.temperature.or(defaults.temperature).unwrap_or(1.0);
         if !temperature.is_finite() || !(0.0..=2.0).contains(&temperature) {
             return Err(ApiError::invalid(
                 Some("temperature"),
                 format!("temperature must be between 0 and 2 (got {temperature})"),
             ));
         }
-        let top_p = self.top_p.unwrap_or(1.0);
+        let top_p = self.top_p.or(defaults.top_p).unwrap_or(1.0);
         if !(MIN_TOP_P..=1.0).contains(&top_p) {
             return Err(ApiError::invalid(
                 Some("top_p"),
                 format!("top_p must be in [{MIN_TOP_P}, 1] (got {top_p})"),
             ));
         }
-        let top_k = match self.top_k {
+        let top_k = match self.top_k.or(defaults.top_k) {
             None | Some(-1) | Some(0) => None,
             Some(k) if k < 0 => {
                 return Err(ApiError::invalid(
@@ -345,7 +352,14 @@ mod tests {
                             seed: Some(seed),
                             ..Default::default()
                         };
-                        match p.generation_params(Some(4), 3, 256, 20, true) {
+                        match p.generation_params(
+                            &SamplingDefaults::default(),
+                            Some(4),
+                            3,
+                            256,
+                            20,
+                            true,
+                        ) {
                             Err(e) => {
                                 assert_eq!(e.status.as_u16(), 400);
                                 refused += 1;
@@ -375,7 +389,8 @@ mod tests {
                 body[k] = x.clone();
             }
             let r: CompletionRequest = parse_body(body.to_string().as_bytes())?;
-            r.common.generation_params(Some(2), 1, 16, 0, false)
+            r.common
+                .generation_params(&SamplingDefaults::default(), Some(2), 1, 16, 0, false)
         };
         for ok in [
             serde_json::json!({"frequency_penalty": 0}),

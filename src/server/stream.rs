@@ -3,7 +3,7 @@
 
 use super::errors::ApiError;
 use super::Shared;
-use crate::engine::EngineEvent;
+use crate::engine::{EngineEvent, PromptLogprob};
 use crate::generate::FinishReason;
 use crate::sampling::TokenLogprob;
 use axum::response::sse::{Event, Sse};
@@ -32,6 +32,10 @@ pub struct Job {
     pub model: String,
     /// Adapter label for metrics and logs.
     pub label: String,
+    /// Score the prompt with this many alternatives (completions' `echo` + `logprobs`).
+    pub prompt_logprobs: Option<usize>,
+    /// Generate nothing, only score the prompt (`echo` with `max_tokens: 0`).
+    pub prompt_only: bool,
 }
 
 /// One choice's event stream.
@@ -87,14 +91,18 @@ fn chat_logprob(state: &Shared, lp: &(TokenLogprob, Vec<TokenLogprob>)) -> Value
 #[derive(Default)]
 struct ChoiceOut {
     text: String,
+    prompt_lp: Vec<PromptLogprob>,
     logprobs: Vec<(TokenLogprob, Vec<TokenLogprob>)>,
     finish: Option<FinishReason>,
     prompt_tokens: usize,
     completion_tokens: usize,
 }
 
+/// Completions' `logprobs` object: the scored prompt tokens (echo; the first has no score),
+/// then the generated ones, whose text offsets start at `offset0` (the echoed text's length).
 fn completion_logprobs(
     state: &Shared,
+    prompt: &[PromptLogprob],
     lps: &[(TokenLogprob, Vec<TokenLogprob>)],
     offset0: usize,
 ) -> Value {
@@ -102,18 +110,38 @@ fn completion_logprobs(
     let mut token_logprobs = Vec::new();
     let mut top = Vec::new();
     let mut offsets = Vec::new();
+    let alternatives = |alts: &[TokenLogprob]| -> Value {
+        let m: serde_json::Map<String, Value> = alts
+            .iter()
+            .map(|t| (token_text(state, t.id), json!(t.logprob)))
+            .collect();
+        Value::Object(m)
+    };
+    let mut off = 0;
+    for (id, scored) in prompt {
+        let s = token_text(state, *id);
+        offsets.push(off);
+        off += s.len();
+        tokens.push(s);
+        match scored {
+            Some((c, alts)) => {
+                token_logprobs.push(json!(c.logprob));
+                top.push(alternatives(alts));
+            }
+            None => {
+                token_logprobs.push(Value::Null);
+                top.push(Value::Null);
+            }
+        }
+    }
     let mut off = offset0;
     for (c, alts) in lps {
         let s = token_text(state, c.id);
         offsets.push(off);
         off += s.len();
         tokens.push(s);
-        token_logprobs.push(c.logprob);
-        let m: serde_json::Map<String, Value> = alts
-            .iter()
-            .map(|t| (token_text(state, t.id), json!(t.logprob)))
-            .collect();
-        top.push(Value::Object(m));
+        token_logprobs.push(json!(c.logprob));
+        top.push(alternatives(alts));
     }
     json!({"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top, "text_offset": offsets})
 }
@@ -159,6 +187,7 @@ pub async fn collect(
         let mut out = ChoiceOut::default();
         while let Some(ev) = c.rx.recv().await {
             match ev {
+                EngineEvent::PromptLogprobs(v) => out.prompt_lp = v,
                 EngineEvent::Token { text, logprob, .. } => {
                     out.text.push_str(&text);
                     if let Some(lp) = logprob {
@@ -191,7 +220,9 @@ pub async fn collect(
     }
     let prompt_tokens = outs.first().map(|o| o.prompt_tokens).unwrap_or(0);
     let completion_tokens: usize = outs.iter().map(|o| o.completion_tokens).sum();
-    let want_lp = outs.iter().any(|o| !o.logprobs.is_empty());
+    let want_lp = outs
+        .iter()
+        .any(|o| !o.logprobs.is_empty() || !o.prompt_lp.is_empty());
     let choices: Vec<Value> = outs
         .iter()
         .enumerate()
@@ -207,7 +238,7 @@ pub async fn collect(
                 json!({
                     "index": i,
                     "text": format!("{echo}{}", o.text),
-                    "logprobs": if want_lp { completion_logprobs(state, &o.logprobs, echo.len()) } else { Value::Null },
+                    "logprobs": if want_lp { completion_logprobs(state, &o.prompt_lp, &o.logprobs, echo.len()) } else { Value::Null },
                     "finish_reason": o.finish,
                 })
             }
@@ -266,6 +297,8 @@ pub fn sse_response(
                     json!({"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null})
                 }
                 Flavor::Completion => match &job.echo {
+                    // Sent with the prompt's logprobs once the prefill has scored it.
+                    Some(_) if job.prompt_logprobs.is_some() => continue,
                     Some(e) => {
                         json!({"index": i, "text": e, "logprobs": null, "finish_reason": null})
                     }
@@ -306,6 +339,12 @@ pub fn sse_response(
                 break;
             };
             let choice = match ev {
+                EngineEvent::PromptLogprobs(v) => {
+                    let echo = job.echo.clone().unwrap_or_default();
+                    json!({"index": i, "text": echo,
+                        "logprobs": completion_logprobs(&state, &v, &[], 0),
+                        "finish_reason": null})
+                }
                 EngineEvent::Token { text, logprob, .. } => {
                     if text.is_empty() && logprob.is_none() {
                         continue;
@@ -315,7 +354,7 @@ pub fn sse_response(
                             "logprobs": logprob.map(|lp| json!({"content": [chat_logprob(&state, &lp)]})),
                             "finish_reason": null}),
                         Flavor::Completion => json!({"index": i, "text": text,
-                            "logprobs": logprob.map(|lp| completion_logprobs(&state, &[lp], 0)),
+                            "logprobs": logprob.map(|lp| completion_logprobs(&state, &[], &[lp], 0)),
                             "finish_reason": null}),
                     }
                 }
