@@ -1,7 +1,5 @@
 //! The `loraplex` binary: parses the command line and reports errors without panicking.
 
-use clap::Parser;
-
 fn main() -> std::process::ExitCode {
     loraplex::init_threads();
     let filter = tracing_subscriber::EnvFilter::try_from_env("LORAPLEX_LOG")
@@ -10,7 +8,7 @@ fn main() -> std::process::ExitCode {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .init();
-    let cli = loraplex::cli::Cli::parse();
+    let cli = loraplex::cli::Cli::parse_with_defaults();
     match loraplex::cli::run(cli) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {

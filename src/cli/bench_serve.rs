@@ -14,12 +14,14 @@ use std::time::Duration;
 pub struct BenchServeArgs {
     /// A running server to measure (e.g. http://127.0.0.1:8000). Without it, bench-serve starts
     /// `loraplex serve` on a free port with synthetic adapters and stops it at the end.
+    /// Unset: that server it starts.
     #[arg(long)]
     pub url: Option<String>,
-    /// Bearer key for --url.
+    /// Bearer key for --url. Unset: no Authorization header.
     #[arg(long, env = "LORAPLEX_API_KEY", hide_env_values = true)]
     pub api_key: Option<String>,
     /// With --url: adapter names for the cases with adapters (they must be registered there).
+    /// Unset: only the base cases run against --url.
     #[arg(long, value_delimiter = ',')]
     pub adapter_names: Vec<String>,
     /// Base model of the server it starts (HF folder, .gguf, hub id). Default: SmolLM2-135M-Instruct.
@@ -28,7 +30,8 @@ pub struct BenchServeArgs {
     /// Quantize the started server's base (`serve --quantize`).
     #[arg(long, value_enum, default_value_t = Quantize::None)]
     pub quantize: Quantize,
-    /// More `serve` arguments for the server it starts, e.g. --serve-arg=--max-batch-size=64.
+    /// More `serve` arguments for the server it starts, e.g. --serve-arg=--max-batch-size=64
+    /// (repeatable). Unset: serve's defaults.
     #[arg(long, allow_hyphen_values = true)]
     pub serve_arg: Vec<String>,
     /// Concurrent clients per case, comma-separated.

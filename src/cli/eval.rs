@@ -17,16 +17,16 @@ pub struct EvalArgs {
     /// Test data (JSONL, Alpaca or chat form).
     #[arg(long)]
     pub data: PathBuf,
-    /// Regex every answer should match (format-match rate).
+    /// Regex every answer should match (format-match rate). Unset: no format-match rate.
     #[arg(long)]
     pub format_regex: Option<String>,
-    /// File holding that regex (e.g. data/legal/format.regex).
+    /// File holding that regex (e.g. data/legal/format.regex). Unset: --format-regex, if any.
     #[arg(long, conflicts_with = "format_regex")]
     pub format_regex_file: Option<PathBuf>,
     /// Most tokens generated per answer.
     #[arg(long, default_value_t = 96)]
     pub max_tokens: usize,
-    /// Evaluate only the first N examples.
+    /// Evaluate only the first N examples. Unset: all of them.
     #[arg(long)]
     pub limit: Option<usize>,
     /// Skip the base model (adapter only).

@@ -18,16 +18,19 @@ pub struct GenerateArgs {
     /// A PEFT adapter folder, optionally with a stacking weight: DIR[:WEIGHT]. Repeat to stack.
     #[arg(long = "adapter", short = 'a', value_name = "DIR[:WEIGHT]")]
     pub adapters: Vec<AdapterSpec>,
-    /// Raw prompt text (no chat template).
+    /// Raw prompt text (no chat template). One of --prompt, --chat, --prompt-ids is required
+    /// (unset: the others).
     #[arg(long)]
     pub prompt: Option<String>,
-    /// A user message, rendered with the model's chat template.
+    /// A user message, rendered with the model's chat template. Unset: --prompt or
+    /// --prompt-ids.
     #[arg(long)]
     pub chat: Option<String>,
-    /// System message for --chat.
+    /// System message for --chat. Unset: the template's default (none, or its own).
     #[arg(long, requires = "chat")]
     pub system: Option<String>,
-    /// Prompt as comma-separated token ids (models without a tokenizer).
+    /// Prompt as comma-separated token ids (models without a tokenizer). Unset: --prompt or
+    /// --chat.
     #[arg(long, value_delimiter = ',', num_args = 1..)]
     pub prompt_ids: Option<Vec<u32>>,
     /// Most tokens to generate.
@@ -39,7 +42,7 @@ pub struct GenerateArgs {
     /// Nucleus sampling mass in (0, 1].
     #[arg(long, default_value_t = 1.0)]
     pub top_p: f64,
-    /// Sample among the k most likely tokens only.
+    /// Sample among the k most likely tokens only. Unset: no top-k cut.
     #[arg(long)]
     pub top_k: Option<usize>,
     /// Random seed for sampling.

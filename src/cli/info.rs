@@ -9,7 +9,8 @@ use serde_json::{json, Value};
 pub struct InfoArgs {
     #[command(flatten)]
     pub model: ModelArgs,
-    /// Adapter folders to describe (validated against the base).
+    /// Adapter folders to describe (validated against the base); repeatable. Unset: the base
+    /// only.
     #[arg(long = "adapter", short = 'a', value_name = "DIR")]
     pub adapters: Vec<AdapterSpec>,
     /// Print JSON instead of text.

@@ -28,7 +28,7 @@ pub struct MergeArgs {
     #[arg(long, value_name = "NAME", default_value = "cat")]
     pub combination: Combination,
     /// ties, magnitude_prune, dare_* (and their _svd variants): the fraction of each adapter's
-    /// entries kept, in (0, 1].
+    /// entries kept, in (0, 1]. Required by those (unset: refused); unused by the others.
     #[arg(long)]
     pub density: Option<f64>,
     /// _svd combinations: the rank of the result (default: the largest adapter rank).
@@ -41,7 +41,8 @@ pub struct MergeArgs {
     /// dare_*: the seed of the random masks (default 0).
     #[arg(long)]
     pub seed: Option<u64>,
-    /// Output folder for the merged model (must not exist, or be empty).
+    /// Output folder for the merged model (must not exist, or be empty). Required unless
+    /// --out-adapter is given (unset: no merged model written).
     #[arg(
         long,
         required_unless_present = "out_adapter",
@@ -49,7 +50,8 @@ pub struct MergeArgs {
     )]
     pub out: Option<PathBuf>,
     /// Write the combined adapter as a PEFT adapter folder (adapter_config.json with r =
-    /// lora_alpha = the new rank, adapter_model.safetensors) instead of merging it.
+    /// lora_alpha = the new rank, adapter_model.safetensors) instead of merging it. Unset:
+    /// merge into the base (--out).
     #[arg(long, value_name = "DIR")]
     pub out_adapter: Option<PathBuf>,
 }

@@ -31,6 +31,71 @@ pub struct Cli {
     pub command: Command,
 }
 
+impl Cli {
+    /// The command line, with the built-in default of every flag that overrides a config key
+    /// shown in its help (`serve` and `train` flags stay unset unless given, so that a config
+    /// file can set the value; clap cannot show those defaults by itself).
+    pub fn command_with_defaults() -> clap::Command {
+        use clap::CommandFactory;
+        let mut cmd = Cli::command();
+        for (name, defaults) in [
+            (
+                "serve",
+                serde_json::to_value(crate::server::ServeConfig::default()),
+            ),
+            (
+                "train",
+                serde_json::to_value(crate::train::config::TrainConfig::default()),
+            ),
+        ] {
+            if let Ok(defaults) = defaults {
+                cmd = cmd.mut_subcommand(name, |c| show_config_defaults(c, &defaults));
+            }
+        }
+        cmd
+    }
+
+    /// Parses the process's arguments (exits with clap's message on an error, as `parse` does).
+    pub fn parse_with_defaults() -> Cli {
+        use clap::FromArgMatches;
+        let matches = Self::command_with_defaults().get_matches();
+        Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit())
+    }
+}
+
+/// Appends `[default: V]` to the help of each option of `c` named like a key of `defaults`
+/// (the config's defaults as JSON), unless its help already states a default. Switches (off by
+/// default) and unset keys are left alone.
+fn show_config_defaults(mut c: clap::Command, defaults: &serde_json::Value) -> clap::Command {
+    use serde_json::Value;
+    let ids: Vec<String> = c.get_arguments().map(|a| a.get_id().to_string()).collect();
+    for id in ids {
+        let shown = match defaults.get(&id) {
+            Some(Value::String(s)) => s.clone(),
+            Some(Value::Number(n)) => n.to_string(),
+            Some(Value::Array(a)) if !a.is_empty() => a
+                .iter()
+                .map(|v| v.as_str().map_or_else(|| v.to_string(), str::to_string))
+                .collect::<Vec<_>>()
+                .join(","),
+            _ => continue,
+        };
+        c = c.mut_arg(id, |a| {
+            let help = a.get_help().map(|h| h.to_string()).unwrap_or_default();
+            if help.contains("Default") || !a.get_default_values().is_empty() {
+                return a;
+            }
+            let long = a.get_long_help().map(|h| format!("{h} [default: {shown}]"));
+            let a = a.help(format!("{help} [default: {shown}]"));
+            match long {
+                Some(l) => a.long_help(l),
+                None => a,
+            }
+        });
+    }
+    c
+}
+
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Serve the OpenAI-compatible API (chat, completions, models, adapter admin, metrics).
@@ -141,5 +206,65 @@ pub fn run(cli: Cli) -> Result<()> {
             println!("{}", path.display());
             Ok(())
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every option of every command says what it does, and every option that takes a value
+    /// says what happens without it: a default, what "unset" means, or that it repeats.
+    #[test]
+    fn every_flag_explains_itself_and_its_default() {
+        let cmd = Cli::command_with_defaults();
+        let mut missing = Vec::new();
+        for sub in cmd.get_subcommands() {
+            for a in sub.get_arguments() {
+                let id = a.get_id().as_str();
+                if id == "help" || id == "version" {
+                    continue;
+                }
+                let help = a
+                    .get_long_help()
+                    .or(a.get_help())
+                    .map(|h| h.to_string())
+                    .unwrap_or_default();
+                let name = format!("{} --{}", sub.get_name(), a.get_long().unwrap_or(id));
+                if help.trim().is_empty() {
+                    missing.push(format!("{name}: no description"));
+                    continue;
+                }
+                let takes_value = a.get_action().takes_values();
+                let explained = ["default", "Default", "Unset", "unset", "repeat", "Repeat"]
+                    .iter()
+                    .any(|w| help.contains(w))
+                    || !a.get_default_values().is_empty()
+                    || a.is_required_set()
+                    || a.is_positional();
+                if takes_value && !explained {
+                    missing.push(format!("{name}: no default stated ({help})"));
+                }
+            }
+        }
+        assert!(missing.is_empty(), "{}", missing.join("\n"));
+    }
+
+    /// The defaults shown are the config's: `train --rank` shows TrainConfig's rank.
+    #[test]
+    fn shown_defaults_come_from_the_configs() {
+        let cmd = Cli::command_with_defaults();
+        let help = |sub: &str, arg: &str| {
+            let s = cmd.find_subcommand(sub).unwrap();
+            let a = s.get_arguments().find(|a| a.get_id() == arg).unwrap();
+            a.get_help().unwrap().to_string()
+        };
+        let t = crate::train::config::TrainConfig::default();
+        assert!(help("train", "rank").ends_with(&format!("[default: {}]", t.rank)));
+        assert!(help("train", "target_modules").ends_with("[default: q_proj,v_proj]"));
+        let s = crate::server::ServeConfig::default();
+        assert!(
+            help("serve", "max_batch_size").ends_with(&format!("[default: {}]", s.max_batch_size))
+        );
     }
 }

@@ -8,7 +8,8 @@ use std::path::PathBuf;
 
 #[derive(clap::Args, Debug)]
 pub struct ServeArgs {
-    /// TOML config (keys as in configs/default.toml); flags override it.
+    /// TOML config (keys as in configs/default.toml); flags override it. Unset: the built-in
+    /// defaults shown here.
     #[arg(long)]
     pub config: Option<PathBuf>,
     /// Base model: HF folder, .gguf file or hub id. Default: SmolLM2-135M-Instruct.
@@ -61,10 +62,10 @@ pub struct ServeArgs {
     /// Most prompt tokens prefilled per step.
     #[arg(long)]
     pub prefill_chunk: Option<usize>,
-    /// Require `Authorization: Bearer KEY` on /v1 routes.
+    /// Require `Authorization: Bearer KEY` on /v1 routes. Unset: no auth.
     #[arg(long, env = "LORAPLEX_API_KEY", hide_env_values = true)]
     pub api_key: Option<String>,
-    /// Separate key for adapter admin routes.
+    /// Separate key for adapter admin routes. Unset: --api-key.
     #[arg(long, env = "LORAPLEX_ADMIN_KEY", hide_env_values = true)]
     pub admin_key: Option<String>,
     /// Allow adapter folders outside the adapters directory (registered through the API, or

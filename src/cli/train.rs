@@ -11,7 +11,8 @@ use std::path::PathBuf;
 #[derive(clap::Args, Debug)]
 #[command(args_override_self = true)]
 pub struct TrainArgs {
-    /// TOML config (keys as the long flags, with underscores); flags override it.
+    /// TOML config (keys as the long flags, with underscores, e.g. configs/train-legal.toml);
+    /// flags override it. Unset: the built-in defaults shown here.
     #[arg(long)]
     pub config: Option<PathBuf>,
     /// Base model: HF folder, .gguf file or hub id. Default: SmolLM2-135M-Instruct.
@@ -26,23 +27,33 @@ pub struct TrainArgs {
     /// Where to train: auto or cpu (training runs on the CPU for now; cuda is refused).
     #[arg(long, default_value_t = DeviceSpec::Auto)]
     pub device: DeviceSpec,
-    /// Training data (JSONL: Alpaca, chat messages, or DPO prompt/chosen/rejected).
+    /// Training data (JSONL: Alpaca, chat messages, or DPO prompt/chosen/rejected). Required
+    /// (here or in --config; unset: an error).
     #[arg(long)]
     pub data: Option<PathBuf>,
-    /// Validation data (JSONL); otherwise --val-split of --data is held out.
+    /// Validation data (JSONL). Unset: --val-split of --data is held out.
     #[arg(long)]
     pub val: Option<PathBuf>,
+    /// Fraction of --data held out for validation when --val is not given.
     #[arg(long)]
     pub val_split: Option<f64>,
-    /// Output adapter folder (PEFT format).
+    /// Output adapter folder (PEFT format; checkpoints and metrics.jsonl too). Required (here
+    /// or in --config; unset: an error).
     #[arg(long)]
     pub out: Option<PathBuf>,
+    /// sft: supervised fine-tuning on prompt/response pairs (loss on the response tokens only);
+    /// dpo: Direct Preference Optimization on prompt/chosen/rejected triples.
     #[arg(long, value_enum)]
     pub method: Option<Method>,
+    /// LoRA rank r: the inner dimension of the low-rank update B·A (trainable parameters grow
+    /// linearly with it; 8–16 is typical for a task adapter).
     #[arg(long)]
     pub rank: Option<usize>,
+    /// LoRA alpha: the update is scaled by alpha/r (alpha/sqrt(r) with --rslora); alpha = 2r is
+    /// the usual starting point.
     #[arg(long)]
     pub alpha: Option<f64>,
+    /// Dropout on the LoRA branch's input during training, in [0, 1).
     #[arg(long)]
     pub dropout: Option<f64>,
     /// Comma-separated module names, or all-linear.
@@ -51,38 +62,58 @@ pub struct TrainArgs {
     /// Scale by alpha/sqrt(r) (rsLoRA).
     #[arg(long)]
     pub rslora: bool,
+    /// Passes over the training data (ignored once --max-steps is reached).
     #[arg(long)]
     pub epochs: Option<usize>,
+    /// Stop after this many optimizer steps. Unset: --epochs decide.
     #[arg(long)]
     pub max_steps: Option<usize>,
+    /// Peak learning rate of AdamW (LoRA tolerates higher rates than full fine-tuning: 1e-4 to
+    /// 1e-3).
     #[arg(long)]
     pub lr: Option<f64>,
+    /// Examples per micro-batch (one forward/backward).
     #[arg(long)]
     pub batch_size: Option<usize>,
+    /// Gradient accumulation: micro-batches summed per optimizer step (effective batch =
+    /// batch-size × grad-accum).
     #[arg(long)]
     pub grad_accum: Option<usize>,
+    /// Longest example in tokens; a longer one loses the start of its prompt first, then the end
+    /// of its response.
     #[arg(long)]
     pub max_seq_len: Option<usize>,
+    /// Fraction of the optimizer steps spent warming the learning rate up linearly from 0.
     #[arg(long)]
     pub warmup_ratio: Option<f64>,
+    /// Learning-rate schedule after warmup: cosine or linear decay to 0, or constant.
     #[arg(long, value_enum)]
     pub scheduler: Option<Schedule>,
+    /// AdamW's decoupled weight decay on the LoRA matrices.
     #[arg(long)]
     pub weight_decay: Option<f64>,
+    /// Clip the global gradient norm to this value before each step (0 = no clipping).
     #[arg(long)]
     pub max_grad_norm: Option<f64>,
+    /// Evaluate the validation loss every N optimizer steps (0 = only at the end).
     #[arg(long)]
     pub eval_every: Option<usize>,
+    /// Write a checkpoint every N optimizer steps (0 = only at the end); --resume continues
+    /// from the last one.
     #[arg(long)]
     pub save_every: Option<usize>,
+    /// Stop after this many evaluations without a new best validation loss (0 = never); the
+    /// best adapter so far is also kept in OUT/best.
     #[arg(long)]
     pub early_stopping_patience: Option<usize>,
+    /// Seed of the LoRA initialisation, data shuffling and dropout (same seed, same adapter).
     #[arg(long)]
     pub seed: Option<u64>,
-    /// DPO temperature.
+    /// DPO's beta: how far the policy may move from the reference (higher = closer).
     #[arg(long)]
     pub beta: Option<f64>,
-    /// Blend a general dataset in: FILE:DOMAIN_SHARE (0.8 = 8 domain : 2 general).
+    /// Blend a general dataset in: FILE:DOMAIN_SHARE (0.8 = 8 domain : 2 general), against
+    /// catastrophic forgetting. Unset: the domain data only.
     #[arg(long)]
     pub mix: Option<String>,
     /// Skip (and count) malformed lines instead of stopping.

@@ -5,11 +5,11 @@ use super::defaults::SamplingDefaults;
 use crate::model::Quantize;
 use crate::runtime::{DeviceSpec, DtypeSpec};
 use anyhow::{Context, Result};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
 /// Everything `serve` needs. Every field is a TOML key of the same name.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ServeConfig {
     /// Base model: HF folder, .gguf file or hub id; unset = the default model.
