@@ -17,9 +17,9 @@ step "fetch the default model (SmolLM2-135M-Instruct, sha256-checked)"
 cargo run --release --quiet -- fetch
 
 step "python virtualenv: the official openai client (server tests), sentencepiece (tokenizer tests)"
-if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c "import openai, sentencepiece" 2>/dev/null; then
+if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c "import openai, sentencepiece, prometheus_client" 2>/dev/null; then
   python3 -m venv .venv
-  .venv/bin/pip install --quiet --disable-pip-version-check "openai==3.57.0" "sentencepiece==0.2.3"
+  .venv/bin/pip install --quiet --disable-pip-version-check "openai==3.57.0" "sentencepiece==0.2.3" "prometheus_client==0.26.0"
 fi
 
 step "cargo test --release"

@@ -104,3 +104,30 @@ fn the_readme_curl_gets_a_sensible_answer() {
         assert!(answer.contains("Paris"), "{answer}");
     }
 }
+
+/// vLLM's metrics protocol (for llm-d / the Gateway API Inference Extension), read by the
+/// official Prometheus client's parser while two adapters run and a third waits.
+#[test]
+fn vllm_metrics_show_running_and_waiting_adapters() {
+    loraplex::fetch::ensure_default_model().unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let adapters = tmp.path().join("adapters");
+    let names = ["legal", "medical", "chatbot"];
+    for n in names {
+        write_adapter(&adapters.join(n));
+    }
+    let server = Server::start(&[
+        "--adapters-dir",
+        adapters.to_str().unwrap(),
+        "--max-batch-size",
+        "2",
+        "--preload",
+        "legal",
+        "--preload",
+        "medical",
+        "--preload",
+        "chatbot",
+    ]);
+    let out = server.run_python("vllm_metrics.py", &names);
+    assert_eq!(out["labels"]["max_lora"], "2", "{out}");
+}

@@ -8,6 +8,7 @@
 //! through each sequence's channel and retires finished sequences.
 
 mod scheduler;
+mod vllm_metrics;
 
 pub use scheduler::EngineMetrics;
 

@@ -1,5 +1,6 @@
 //! The scheduler loop (runs on its own thread): admit, batch, forward, sample, stream, retire.
 
+use super::vllm_metrics::{VllmMetrics, VllmSnapshot};
 use super::{
     kv_bytes_per_position, kv_positions, EngineConfig, EngineEvent, PromptLogprob, Submission,
 };
@@ -24,6 +25,8 @@ pub struct EngineMetrics {
     pub inter_token_latency: Histogram,
     pub cancelled: IntCounter,
     pub kv_cache_bytes: IntGauge,
+    /// vLLM's gauges for routers (`None`: not exported).
+    pub vllm: Option<VllmMetrics>,
 }
 
 impl EngineMetrics {
@@ -78,7 +81,14 @@ impl EngineMetrics {
                 "loraplex_kv_cache_bytes",
                 "Bytes held by running sequences' KV caches",
             )?,
+            vllm: None,
         })
+    }
+
+    /// Also exports vLLM's queue, KV and LoRA gauges (`vllm_metrics`).
+    pub fn with_vllm(mut self, registry: &Registry, max_lora: usize) -> prometheus::Result<Self> {
+        self.vllm = Some(VllmMetrics::new(registry, max_lora)?);
+        Ok(self)
     }
 }
 
@@ -185,12 +195,12 @@ pub(super) fn run(
             }
         }
         metrics.waiting.set(waiting.len() as i64);
-        publish(&metrics, &running);
+        publish(&metrics, &cfg, &running, &waiting);
         if running.is_empty() {
             continue;
         }
         step(&model, &cfg, row_budget, &mut running, &metrics);
-        publish(&metrics, &running);
+        publish(&metrics, &cfg, &running, &waiting);
     }
 }
 
@@ -211,11 +221,36 @@ fn score_prompt(r: &mut Running, rows: &Tensor, chunk: usize, top: usize) -> any
 }
 
 /// The gauges of the running batch (also when it has just emptied: an idle server shows 0).
-fn publish(metrics: &EngineMetrics, running: &[Running]) {
+fn publish(
+    metrics: &EngineMetrics,
+    cfg: &EngineConfig,
+    running: &[Running],
+    waiting: &VecDeque<Submission>,
+) {
     metrics
         .kv_cache_bytes
         .set(running.iter().map(|r| r.cache.bytes()).sum::<usize>() as i64);
     metrics.running.set(running.len() as i64);
+    if let Some(v) = &metrics.vllm {
+        let kv_usage = match cfg.kv_budget_bytes {
+            Some(budget) if budget > 0 => {
+                running.iter().map(|r| r.kv_reserved).sum::<usize>() as f64 / budget as f64
+            }
+            _ => running.len() as f64 / cfg.max_batch_size.max(1) as f64,
+        };
+        fn names(s: &Submission) -> Vec<&str> {
+            s.req.lora.as_ref().map_or_else(Vec::new, |l| {
+                l.members.iter().map(|(a, _)| a.name.as_str()).collect()
+            })
+        }
+        v.publish(&VllmSnapshot {
+            waiting: waiting.len(),
+            running: running.len(),
+            kv_usage,
+            running_adapters: running.iter().flat_map(|r| names(&r.sub)).collect(),
+            waiting_adapters: waiting.iter().flat_map(names).collect(),
+        });
+    }
 }
 
 /// One batched forward over the running sequences, then sampling and retiring.

@@ -64,6 +64,9 @@ pub struct ServeConfig {
     /// Read the model's `generation_config.json` for sampling defaults (they win over
     /// `[sampling]`).
     pub use_generation_config: bool,
+    /// Export vLLM's `vllm:*` queue, KV-cache and LoRA gauges on `/metrics` (for routers such
+    /// as the Gateway API Inference Extension / llm-d).
+    pub vllm_metrics: bool,
     /// `[sampling]`: defaults for fields a request leaves out (after the model's own).
     pub sampling: SamplingDefaults,
 }
@@ -96,6 +99,7 @@ impl Default for ServeConfig {
             keep_alive_timeout_secs: 30.0,
             max_body_bytes: 2 << 20,
             use_generation_config: true,
+            vllm_metrics: true,
             sampling: SamplingDefaults::default(),
         }
     }

@@ -227,7 +227,11 @@ pub async fn build_state(cfg: &ServeConfig) -> Result<Shared> {
             .await
             .map_err(|e| anyhow::anyhow!("preload: {e}"))?;
     }
-    let engine_metrics = Arc::new(EngineMetrics::new(&metrics.registry)?);
+    let mut engine_metrics = EngineMetrics::new(&metrics.registry)?;
+    if cfg.vllm_metrics {
+        engine_metrics = engine_metrics.with_vllm(&metrics.registry, cfg.max_batch_size)?;
+    }
+    let engine_metrics = Arc::new(engine_metrics);
     let engine = EngineHandle::start(
         model.clone(),
         EngineConfig {
