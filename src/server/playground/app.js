@@ -335,7 +335,8 @@ async function loadAdapters() {
 
 // ---------------------------------------------------------------- chat
 
-const chat = { history: [], controller: null };
+// `epoch` changes on Clear, so an answer still ending after it leaves the new history alone.
+const chat = { history: [], controller: null, epoch: 0 };
 
 function chatBubble(role, label) {
   const log = $('#chat-log');
@@ -385,6 +386,8 @@ async function sendChat(ev) {
   $('#chat-send').disabled = true;
   $('#chat-stop').disabled = false;
   const body = { ...target.body, ...sampling(), messages: chat.history.slice() };
+  const epoch = chat.epoch;
+  const history = (f) => { if (epoch === chat.epoch) f(chat.history); };
   let stats = null;
   try {
     stats = await streamChat(body, chat.controller.signal, (t, s) => {
@@ -397,18 +400,18 @@ async function sendChat(ev) {
     answer.dataset.state = 'done';
     answer.dataset.tokens = String(stats.tokens);
     statsEl.textContent = describe(stats, false);
-    chat.history.push({ role: 'assistant', content: stats.text });
+    history((h) => h.push({ role: 'assistant', content: stats.text }));
   } catch (e) {
     if (e.name === 'AbortError') {
       answer.dataset.state = 'stopped';
       statsEl.textContent = `${stats ? describe(stats, false) + ' · ' : ''}stopped`;
-      if (stats && stats.text) chat.history.push({ role: 'assistant', content: stats.text });
-      else chat.history.pop();
+      const partial = stats && stats.text;
+      history((h) => (partial ? h.push({ role: 'assistant', content: partial }) : h.pop()));
     } else {
       answer.dataset.state = 'error';
       msg.classList.add('failed');
       statsEl.textContent = e.message;
-      chat.history.pop();
+      history((h) => h.pop());
       showError(e.message);
     }
   } finally {
@@ -538,6 +541,7 @@ document.addEventListener('DOMContentLoaded', () => {
   $('#chat-stop').addEventListener('click', () => chat.controller && chat.controller.abort());
   $('#chat-clear').addEventListener('click', () => {
     if (chat.controller) chat.controller.abort();
+    chat.epoch += 1;
     chat.history = [];
     $('#chat-log').replaceChildren();
   });
