@@ -22,6 +22,19 @@ if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c "import openai, sentencepi
   .venv/bin/pip install --quiet --disable-pip-version-check "openai==3.57.0" "sentencepiece==0.2.3" "prometheus_client==0.26.0"
 fi
 
+step "browser test tools (tests/playground.rs): Debian's chromium, tests/browser's node modules"
+# The playground test drives headless chromium through playwright-core (pinned in
+# tests/browser/package-lock.json); under CI it fails when either is missing.
+as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
+if [ ! -x /usr/bin/chromium ] || ! command -v npm >/dev/null; then
+  as_root apt-get update
+  [ -x /usr/bin/chromium ] || as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends chromium
+  command -v npm >/dev/null || as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends nodejs npm
+fi
+if [ ! -d tests/browser/node_modules ]; then
+  npm ci --prefix tests/browser --no-audit --no-fund
+fi
+
 step "cargo test --release"
 cargo test --release
 

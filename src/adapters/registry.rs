@@ -538,7 +538,6 @@ impl AdapterRegistry {
         })
     }
 
-    /// Every registered adapter, by name.
     /// Bytes the cached adapters hold on the base's device: their stacks' copies on a GPU, their
     /// host tensors on the CPU.
     pub fn bytes_on_device(&self) -> usize {
@@ -551,6 +550,7 @@ impl AdapterRegistry {
             .sum()
     }
 
+    /// Every registered adapter, by name.
     pub async fn list(&self) -> Vec<AdapterSummary> {
         self.cache.run_pending_tasks().await;
         self.metrics.bytes.set(self.cache.weighted_size() as i64);

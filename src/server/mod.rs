@@ -2,9 +2,9 @@
 //!
 //! Routes: `POST /v1/chat/completions`, `POST /v1/completions`, `GET /v1/models`, adapter admin
 //! (`GET/POST /v1/adapters`, `DELETE /v1/adapters/{name}`, vLLM's `POST /v1/load_lora_adapter` and
-//! `POST /v1/unload_lora_adapter`), `GET /health`, `GET /metrics`. Connections are served by
-//! `conn` (cap and timeouts); `wire` buffers request bodies and keeps every error in the OpenAI
-//! shape.
+//! `POST /v1/unload_lora_adapter`), `GET /health`, `GET /metrics`, and the web playground at `/`
+//! (`playground`). Connections are served by `conn` (cap and timeouts); `wire` buffers request
+//! bodies and keeps every error in the OpenAI shape.
 
 mod admin;
 mod completions;
@@ -15,6 +15,7 @@ pub mod defaults;
 mod errors;
 mod metrics;
 pub mod openai;
+mod playground;
 mod rate;
 mod resolve;
 mod stream;
@@ -145,6 +146,7 @@ pub fn router(state: Shared) -> Router {
         .route("/v1/unload_lora_adapter", post(admin::vllm_unload))
         .route("/health", get(admin::health))
         .route("/metrics", get(admin::metrics))
+        .merge(playground::routes())
         .fallback(admin::fallback)
         // `wire::buffer_body` enforces `max_body_bytes` before any extractor runs.
         .layer(axum::extract::DefaultBodyLimit::disable())

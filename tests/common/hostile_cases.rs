@@ -274,8 +274,12 @@ pub fn http_cases(addr: &str) -> Vec<(String, Vec<u8>)> {
             req(m, p.as_bytes(), "Content-Length: 0\r\n", b""),
         ));
     }
+    // (`GET /` is the playground page: answered 200, so not among these.)
     for p in [
-        "/",
+        "/index.html",
+        "/playground",
+        "/playground/",
+        "/playground/app.js/x",
         "/v1",
         "/v1/",
         "/v2/models",
