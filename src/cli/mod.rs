@@ -65,7 +65,7 @@ impl Cli {
 
 /// Appends `[default: V]` to the help of each option of `c` named like a key of `defaults`
 /// (the config's defaults as JSON), unless its help already states a default. Switches (off by
-/// default) and unset keys are left alone.
+/// default, they take no value) and unset keys are left alone.
 fn show_config_defaults(mut c: clap::Command, defaults: &serde_json::Value) -> clap::Command {
     use serde_json::Value;
     let ids: Vec<String> = c.get_arguments().map(|a| a.get_id().to_string()).collect();
@@ -73,6 +73,8 @@ fn show_config_defaults(mut c: clap::Command, defaults: &serde_json::Value) -> c
         let shown = match defaults.get(&id) {
             Some(Value::String(s)) => s.clone(),
             Some(Value::Number(n)) => n.to_string(),
+            // Only for flags that take `true`/`false`; switches are off by default.
+            Some(Value::Bool(b)) => b.to_string(),
             Some(Value::Array(a)) if !a.is_empty() => a
                 .iter()
                 .map(|v| v.as_str().map_or_else(|| v.to_string(), str::to_string))
@@ -82,7 +84,10 @@ fn show_config_defaults(mut c: clap::Command, defaults: &serde_json::Value) -> c
         };
         c = c.mut_arg(id, |a| {
             let help = a.get_help().map(|h| h.to_string()).unwrap_or_default();
-            if help.contains("Default") || !a.get_default_values().is_empty() {
+            if help.contains("Default")
+                || !a.get_default_values().is_empty()
+                || !a.get_action().takes_values()
+            {
                 return a;
             }
             let long = a.get_long_help().map(|h| format!("{h} [default: {shown}]"));

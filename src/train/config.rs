@@ -38,6 +38,9 @@ pub struct TrainConfig {
     pub scheduler: Schedule,
     pub weight_decay: f64,
     pub max_grad_norm: f64,
+    /// Keep only each block's input for the backward and run the block again there (one more
+    /// forward per step, a fraction of the activation memory).
+    pub gradient_checkpointing: bool,
     /// Evaluate on the validation set every N optimizer steps (0 = only at the end).
     pub eval_every: usize,
     /// Checkpoint every N optimizer steps (0 = only at the end).
@@ -79,6 +82,7 @@ impl Default for TrainConfig {
             scheduler: Schedule::Cosine,
             weight_decay: 0.01,
             max_grad_norm: 1.0,
+            gradient_checkpointing: true,
             eval_every: 0,
             save_every: 0,
             early_stopping_patience: 0,

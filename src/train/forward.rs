@@ -5,9 +5,10 @@
 
 use super::frozen::frozen_linear;
 use super::params::LoraParams;
+use super::vocab_loss::{token_logprobs_chunked, DEFAULT_CHUNK_ROWS};
 use crate::model::{LinearWeight, Llama, LlamaConfig, Proj};
 use crate::quant::{KernelPath, Nf4MatmulOp, Nf4Packed};
-use anyhow::Result;
+use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor, D};
 use rand::{Rng, SeedableRng};
 use std::sync::Arc;
@@ -98,9 +99,20 @@ impl TrainBase {
     pub fn dtype(&self) -> DType {
         self.dtype
     }
+
+    pub fn num_layers(&self) -> usize {
+        self.layers.len()
+    }
+
+    /// The frozen vocabulary projection `[vocab, hidden]`.
+    pub fn lm_head(&self) -> &Tensor {
+        &self.lm_head
+    }
 }
 
-/// Dropout on the LoRA input, from a seeded generator (reproducible runs and resumes).
+/// Dropout on the LoRA input, from a seeded generator (reproducible runs and resumes). A clone
+/// continues the same stream (gradient checkpointing replays a block's masks from one).
+#[derive(Clone)]
 pub struct Dropout {
     pub p: f64,
     pub rng: rand::rngs::StdRng,
@@ -138,90 +150,158 @@ fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
     x.broadcast_div(&(var + eps)?.sqrt()?)?.broadcast_mul(w)
 }
 
-/// Final-norm hidden states `[B*T, hidden]` for ids `[B, T]`, with LoRA when given.
-pub fn hidden_states(
-    base: &TrainBase,
-    lora: Option<&LoraParams>,
-    ids: &Tensor,
-    mut dropout: Option<&mut Dropout>,
-) -> Result<Tensor> {
-    let cfg = &base.cfg;
-    let (b, t) = ids.dims2()?;
-    let (nh, nkv, hd) = (
-        cfg.num_attention_heads,
-        cfg.num_key_value_heads,
-        cfg.head_dim,
-    );
-    let scale = lora.map(|l| l.shape.scaling()).unwrap_or(0.0);
-    // The embedding is frozen: start the graph after the lookup.
-    let mut x = base.embed.index_select(&ids.flatten_all()?, 0)?.detach();
-    let mask: Vec<f32> = (0..t)
-        .flat_map(|i| (0..t).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 }))
-        .collect();
-    let mask = Tensor::from_vec(mask, (t, t), &Device::Cpu)?.to_dtype(base.dtype)?;
-    let cos = base.cos.narrow(0, 0, t)?;
-    let sin = base.sin.narrow(0, 0, t)?;
-    let eps = cfg.rms_norm_eps;
-    for (
-        l,
-        FrozenLayer {
-            attn_norm,
-            mlp_norm,
-            w,
-            bias,
-        },
-    ) in base.layers.iter().enumerate()
-    {
+/// What the blocks of one batch share: its shape, the causal mask and the RoPE rows.
+pub struct BlockContext {
+    b: usize,
+    t: usize,
+    mask: Tensor,
+    cos: Tensor,
+    sin: Tensor,
+}
+
+/// LoRA weights as a forward sees them: tracked (gradients reach the `Var`s, candle keeps the
+/// graph) or detached (no graph: evaluation, or the first pass of gradient checkpointing).
+#[derive(Clone, Copy)]
+pub struct LoraIn<'a> {
+    pub params: &'a LoraParams,
+    pub grad: bool,
+}
+
+impl TrainBase {
+    /// The frozen embedding rows `[B*T, hidden]` of ids `[B, T]` (no graph starts here).
+    pub fn embed(&self, ids: &Tensor) -> Result<Tensor> {
+        Ok(self.embed.index_select(&ids.flatten_all()?, 0)?.detach())
+    }
+
+    /// The causal mask and RoPE rows for a `[b, t]` batch.
+    pub fn block_context(&self, b: usize, t: usize) -> Result<BlockContext> {
+        let mask: Vec<f32> = (0..t)
+            .flat_map(|i| (0..t).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 }))
+            .collect();
+        let mask = Tensor::from_vec(mask, (t, t), &Device::Cpu)?.to_dtype(self.dtype)?;
+        Ok(BlockContext {
+            b,
+            t,
+            mask,
+            cos: self.cos.narrow(0, 0, t)?,
+            sin: self.sin.narrow(0, 0, t)?,
+        })
+    }
+
+    /// The final RMSNorm of the residual stream.
+    pub fn final_norm(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(rms_norm(x, &self.norm, self.cfg.rms_norm_eps)?)
+    }
+
+    /// Decoder block `l` on the residual stream `x [B*T, hidden]`. Dropout draws its masks in a
+    /// fixed order (q, k, v, o, gate, up, down), so a block run again from a copy of the
+    /// generator taken before it sees the same masks.
+    pub fn block(
+        &self,
+        l: usize,
+        x: &Tensor,
+        lora: Option<LoraIn>,
+        ctx: &BlockContext,
+        mut dropout: Option<&mut Dropout>,
+    ) -> Result<Tensor> {
+        let cfg = &self.cfg;
+        let (b, t) = (ctx.b, ctx.t);
+        let (nh, nkv, hd) = (
+            cfg.num_attention_heads,
+            cfg.num_key_value_heads,
+            cfg.head_dim,
+        );
+        let eps = cfg.rms_norm_eps;
+        let layer = self.layers.get(l).context("no such layer")?;
+        let scale = lora.map(|l| l.params.shape.scaling()).unwrap_or(0.0);
         let mut linear = |h: &Tensor, p: Proj| -> Result<Tensor> {
-            let mut y = w[p.index()].forward(h)?;
-            if let Some(bb) = &bias[p.index()] {
+            let mut y = layer.w[p.index()].forward(h)?;
+            if let Some(bb) = &layer.bias[p.index()] {
                 y = y.broadcast_add(bb)?;
             }
-            if let Some((a, bm)) = lora.and_then(|lp| lp.pairs.get(&(l, p))) {
+            if let Some((lp, (a, bm))) =
+                lora.and_then(|lp| Some((lp, lp.params.pairs.get(&(l, p))?)))
+            {
+                let (a, bm) = if lp.grad {
+                    (a.as_tensor().clone(), bm.as_tensor().clone())
+                } else {
+                    (a.as_tensor().detach(), bm.as_tensor().detach())
+                };
                 let xin = match dropout.as_deref_mut() {
                     Some(d) => d.apply(h)?,
                     None => h.clone(),
                 };
-                let delta = xin
-                    .matmul(&a.as_tensor().t()?)?
-                    .matmul(&bm.as_tensor().t()?)?;
+                let delta = xin.matmul(&a.t()?)?.matmul(&bm.t()?)?;
                 y = (y + (delta * scale)?)?;
             }
             Ok(y)
         };
-        let h = rms_norm(&x, attn_norm, eps)?;
+        let h = rms_norm(x, &layer.attn_norm, eps)?;
         let heads = |y: Tensor, n: usize| -> candle_core::Result<Tensor> {
             y.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous()
         };
-        let q = candle_nn::rotary_emb::rope_slow(&heads(linear(&h, Proj::Q)?, nh)?, &cos, &sin)?;
-        let k = candle_nn::rotary_emb::rope_slow(&heads(linear(&h, Proj::K)?, nkv)?, &cos, &sin)?;
+        let (cos, sin) = (&ctx.cos, &ctx.sin);
+        let q = candle_nn::rotary_emb::rope_slow(&heads(linear(&h, Proj::Q)?, nh)?, cos, sin)?;
+        let k = candle_nn::rotary_emb::rope_slow(&heads(linear(&h, Proj::K)?, nkv)?, cos, sin)?;
         let v = heads(linear(&h, Proj::V)?, nkv)?;
         let k = candle_transformers::utils::repeat_kv(k, nh / nkv)?.contiguous()?;
         let v = candle_transformers::utils::repeat_kv(v, nh / nkv)?.contiguous()?;
-        let att = (q.matmul(&k.t()?)? * (1.0 / (hd as f64).sqrt()))?.broadcast_add(&mask)?;
+        let att = (q.matmul(&k.t()?)? * (1.0 / (hd as f64).sqrt()))?.broadcast_add(&ctx.mask)?;
         let att = candle_nn::ops::softmax(&att, D::Minus1)?;
         let o = att.matmul(&v)?.transpose(1, 2)?.reshape((b * t, nh * hd))?;
-        x = (x + linear(&o, Proj::O)?)?;
-        let h = rms_norm(&x, mlp_norm, eps)?;
+        let x = (x + linear(&o, Proj::O)?)?;
+        let h = rms_norm(&x, &layer.mlp_norm, eps)?;
         let act = (linear(&h, Proj::Gate)?.silu()? * linear(&h, Proj::Up)?)?;
-        x = (x + linear(&act, Proj::Down)?)?;
+        Ok((&x + linear(&act, Proj::Down)?)?)
     }
-    Ok(rms_norm(&x, &base.norm, eps)?)
 }
 
-/// `log p(target)` for each `(row, target)`: rows index `hidden` (`[B*T, H]`).
+/// Final-norm hidden states `[B*T, hidden]` for ids `[B, T]`, with LoRA when given (tracked:
+/// candle keeps the whole graph for one backward).
+pub fn hidden_states(
+    base: &TrainBase,
+    lora: Option<&LoraParams>,
+    ids: &Tensor,
+    dropout: Option<&mut Dropout>,
+) -> Result<Tensor> {
+    let lora = lora.map(|params| LoraIn { params, grad: true });
+    hidden_states_with(base, lora, ids, dropout)
+}
+
+/// `hidden_states` with the LoRA weights tracked or not.
+pub fn hidden_states_with(
+    base: &TrainBase,
+    lora: Option<LoraIn>,
+    ids: &Tensor,
+    mut dropout: Option<&mut Dropout>,
+) -> Result<Tensor> {
+    let (b, t) = ids.dims2()?;
+    let ctx = base.block_context(b, t)?;
+    let mut x = base.embed(ids)?;
+    for l in 0..base.layers.len() {
+        x = base.block(l, &x, lora, &ctx, dropout.as_deref_mut())?;
+    }
+    base.final_norm(&x)
+}
+
+/// `log p(target)` for each `(row, target)`: rows index `hidden` (`[B*T, H]`). The vocabulary
+/// projection runs in chunks of rows (`vocab_loss`).
 pub fn token_logprobs(
     base: &TrainBase,
     hidden: &Tensor,
     rows: &[u32],
     targets: &[u32],
 ) -> Result<Tensor> {
-    let n = rows.len();
-    let h = hidden.index_select(&Tensor::from_vec(rows.to_vec(), n, &Device::Cpu)?, 0)?;
-    let logits = frozen_linear(&h, &base.lm_head)?;
-    let lsm = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
-    let idx = Tensor::from_vec(targets.to_vec(), (n, 1), &Device::Cpu)?;
-    Ok(lsm.gather(&idx, 1)?.squeeze(1)?)
+    let h = hidden.index_select(
+        &Tensor::from_vec(rows.to_vec(), rows.len(), &Device::Cpu)?,
+        0,
+    )?;
+    Ok(token_logprobs_chunked(
+        &h,
+        &base.lm_head,
+        targets,
+        DEFAULT_CHUNK_ROWS,
+    )?)
 }
 
 /// A padded batch and where its loss tokens are.
@@ -266,6 +346,75 @@ pub fn pack(seqs: &[(&[u32], &[bool])], pad: u32) -> Result<PackedBatch> {
     })
 }
 
+/// What a micro-batch's loss is.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Objective {
+    /// Negative log-likelihood of the response tokens.
+    Sft,
+    /// DPO (sigmoid) with temperature `beta`; the batch holds the chosen sequences first, then
+    /// the rejected ones in the same order.
+    Dpo { beta: f64 },
+}
+
+/// Per-sequence sums `[B]` of per-token values in row order.
+fn sequence_sums(lp: &Tensor, per_seq: &[usize]) -> Result<Tensor> {
+    let mut sums = Vec::with_capacity(per_seq.len());
+    let mut start = 0;
+    for &n in per_seq {
+        sums.push(lp.narrow(0, start, n)?.sum_all()?);
+        start += n;
+    }
+    Ok(Tensor::stack(&sums, 0)?)
+}
+
+/// The DPO reference: the frozen base's (adapter off) per-sequence log-probabilities, no graph.
+pub fn reference_logprobs(base: &TrainBase, batch: &PackedBatch) -> Result<Tensor> {
+    Ok(sequence_logprobs(base, None, batch, None)?.detach())
+}
+
+/// The loss summed over the batch from its final-norm hidden states `h`: the SFT token NLL, or
+/// DPO's pair losses `-log σ(β((π_c - ref_c) - (π_r - ref_r)))` against `reference`
+/// (`reference_logprobs`, required for DPO).
+pub fn loss_from_hidden(
+    base: &TrainBase,
+    h: &Tensor,
+    batch: &PackedBatch,
+    objective: Objective,
+    reference: Option<&Tensor>,
+) -> Result<Tensor> {
+    let lp = token_logprobs(base, h, &batch.rows, &batch.targets)?;
+    match objective {
+        Objective::Sft => Ok(lp.sum_all()?.neg()?),
+        Objective::Dpo { beta } => {
+            let reference = reference.context("DPO needs the reference log-probabilities")?;
+            let pairs = batch.per_seq.len() / 2;
+            let diff = (sequence_sums(&lp, &batch.per_seq)? - reference)?;
+            let margin = (diff.narrow(0, 0, pairs)? - diff.narrow(0, pairs, pairs)?)?;
+            // -log σ(z) = softplus(-z) = log(1 + exp(-z)), computed stably.
+            let z = (margin * beta)?;
+            let neg = z.neg()?;
+            let softplus = (neg.relu()? + ((neg.abs()?.neg()?.exp()? + 1.0)?.log()?))?;
+            Ok(softplus.sum_all()?)
+        }
+    }
+}
+
+/// The loss summed over the batch, the whole forward in one graph when `lora` is tracked.
+pub fn loss_sum(
+    base: &TrainBase,
+    lora: Option<LoraIn>,
+    batch: &PackedBatch,
+    objective: Objective,
+    dropout: Option<&mut Dropout>,
+) -> Result<Tensor> {
+    let reference = match objective {
+        Objective::Dpo { .. } => Some(reference_logprobs(base, batch)?),
+        Objective::Sft => None,
+    };
+    let h = hidden_states_with(base, lora, &batch.ids, dropout)?;
+    loss_from_hidden(base, &h, batch, objective, reference.as_ref())
+}
+
 /// Sum of the response tokens' negative log-likelihood (divide by the token count yourself).
 pub fn sft_loss_sum(
     base: &TrainBase,
@@ -273,10 +422,8 @@ pub fn sft_loss_sum(
     batch: &PackedBatch,
     dropout: Option<&mut Dropout>,
 ) -> Result<Tensor> {
-    let h = hidden_states(base, lora, &batch.ids, dropout)?;
-    Ok(token_logprobs(base, &h, &batch.rows, &batch.targets)?
-        .sum_all()?
-        .neg()?)
+    let lora = lora.map(|params| LoraIn { params, grad: true });
+    loss_sum(base, lora, batch, Objective::Sft, dropout)
 }
 
 /// Per-sequence sums of response-token log-probabilities `[B]`.
@@ -287,18 +434,13 @@ pub fn sequence_logprobs(
     dropout: Option<&mut Dropout>,
 ) -> Result<Tensor> {
     let h = hidden_states(base, lora, &batch.ids, dropout)?;
-    let lp = token_logprobs(base, &h, &batch.rows, &batch.targets)?;
-    let mut sums = Vec::with_capacity(batch.per_seq.len());
-    let mut start = 0;
-    for &n in &batch.per_seq {
-        sums.push(lp.narrow(0, start, n)?.sum_all()?);
-        start += n;
-    }
-    Ok(Tensor::stack(&sums, 0)?)
+    sequence_sums(
+        &token_logprobs(base, &h, &batch.rows, &batch.targets)?,
+        &batch.per_seq,
+    )
 }
 
-/// DPO (sigmoid) loss summed over pairs: `-log σ(β((π_c - ref_c) - (π_r - ref_r)))`. The batch
-/// holds the chosen sequences first, then the rejected ones in the same order.
+/// DPO (sigmoid) loss summed over pairs (`Objective::Dpo`), against the frozen base.
 pub fn dpo_loss_sum(
     base: &TrainBase,
     lora: &LoraParams,
@@ -306,15 +448,9 @@ pub fn dpo_loss_sum(
     beta: f64,
     dropout: Option<&mut Dropout>,
 ) -> Result<Tensor> {
-    let pairs = batch.per_seq.len() / 2;
-    let policy = sequence_logprobs(base, Some(lora), batch, dropout)?;
-    // Reference: the frozen base (adapter off), no gradient.
-    let reference = sequence_logprobs(base, None, batch, None)?.detach();
-    let diff = (policy - reference)?;
-    let margin = (diff.narrow(0, 0, pairs)? - diff.narrow(0, pairs, pairs)?)?;
-    // -log σ(z) = softplus(-z) = log(1 + exp(-z)), computed stably.
-    let z = (margin * beta)?;
-    let neg = z.neg()?;
-    let softplus = (neg.relu()? + ((neg.abs()?.neg()?.exp()? + 1.0)?.log()?))?;
-    Ok(softplus.sum_all()?)
+    let lora = LoraIn {
+        params: lora,
+        grad: true,
+    };
+    loss_sum(base, Some(lora), batch, Objective::Dpo { beta }, dropout)
 }

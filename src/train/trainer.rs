@@ -1,10 +1,11 @@
 //! The training loop: data order, gradient accumulation, clipping, AdamW, schedule, evaluation,
 //! early stopping, atomic checkpoints and exact resume, PEFT export, metrics and a loss plot.
 
+use super::backward::loss_and_grads;
 use super::config::TrainConfig;
 use super::data::{self, Dataset, Example, Method};
-use super::forward::{dpo_loss_sum, pack, sft_loss_sum, Dropout, PackedBatch, TrainBase};
-use super::optim::{clip, grads_of, lr_at, AdamW};
+use super::forward::{loss_sum, pack, Dropout, LoraIn, Objective, PackedBatch, TrainBase};
+use super::optim::{clip, lr_at, AdamW};
 use super::params::{write_atomic, LoraParams, LoraShape};
 use crate::model::{LoadedModel, Proj};
 use anyhow::{bail, Context, Result};
@@ -92,27 +93,23 @@ fn batch_of(examples: &[&Example], pad: u32) -> Result<PackedBatch> {
     pack(&seqs, pad)
 }
 
-/// Loss sum (SFT: token NLL; DPO: pair losses) and its normaliser (tokens or pairs).
-fn loss_sum(
-    base: &TrainBase,
-    lora: &LoraParams,
-    cfg: &TrainConfig,
-    batch: &PackedBatch,
-    dropout: Option<&mut Dropout>,
-) -> Result<(Tensor, usize)> {
+/// What the config trains.
+fn objective(cfg: &TrainConfig) -> Objective {
     match cfg.method {
-        Method::Sft => Ok((
-            sft_loss_sum(base, Some(lora), batch, dropout)?,
-            batch.targets.len(),
-        )),
-        Method::Dpo => Ok((
-            dpo_loss_sum(base, lora, batch, cfg.beta, dropout)?,
-            batch.per_seq.len() / 2,
-        )),
+        Method::Sft => Objective::Sft,
+        Method::Dpo => Objective::Dpo { beta: cfg.beta },
     }
 }
 
-/// Mean validation loss (no dropout, no gradients kept).
+/// The loss normaliser of a micro-batch: SFT's loss tokens, DPO's pairs.
+fn loss_count(cfg: &TrainConfig, batch: &PackedBatch) -> usize {
+    match cfg.method {
+        Method::Sft => batch.targets.len(),
+        Method::Dpo => batch.per_seq.len() / 2,
+    }
+}
+
+/// Mean validation loss (no dropout, no graph).
 pub fn evaluate(
     base: &TrainBase,
     lora: &LoraParams,
@@ -122,11 +119,15 @@ pub fn evaluate(
 ) -> Result<f64> {
     let (mut total, mut n) = (0.0, 0usize);
     let refs: Vec<&Example> = val.examples.iter().collect();
+    let lora = LoraIn {
+        params: lora,
+        grad: false,
+    };
     for chunk in refs.chunks(cfg.batch_size) {
         let batch = batch_of(chunk, pad)?;
-        let (l, k) = loss_sum(base, lora, cfg, &batch, None)?;
+        let l = loss_sum(base, Some(lora), &batch, objective(cfg), None)?;
         total += l.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-        n += k;
+        n += loss_count(cfg, &batch);
     }
     Ok(total / n.max(1) as f64)
 }
@@ -356,16 +357,7 @@ pub fn train(cfg: &TrainConfig, model: &LoadedModel) -> Result<Summary> {
             .iter()
             .map(|m| batch_of(m, pad))
             .collect::<Result<_>>()?;
-        let norm: usize = batches
-            .iter()
-            .map(|b| {
-                if cfg.method == Method::Sft {
-                    b.targets.len()
-                } else {
-                    b.per_seq.len() / 2
-                }
-            })
-            .sum();
+        let norm: usize = batches.iter().map(|b| loss_count(cfg, b)).sum();
         let mut acc: Option<Vec<Tensor>> = None;
         let mut loss_total = 0.0;
         for (j, batch) in batches.iter().enumerate() {
@@ -373,10 +365,16 @@ pub fn train(cfg: &TrainConfig, model: &LoadedModel) -> Result<Summary> {
                 cfg.dropout,
                 cfg.seed ^ ((step * cfg.grad_accum + j) as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15),
             );
-            let (l, _) = loss_sum(&base, &lora, cfg, batch, Some(&mut drop))?;
-            let l = (l / norm.max(1) as f64)?;
-            loss_total += l.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-            let g = grads_of(&l.backward()?, &vars)?;
+            let (l, g) = loss_and_grads(
+                &base,
+                &lora,
+                batch,
+                objective(cfg),
+                norm.max(1) as f64,
+                Some(&mut drop),
+                cfg.gradient_checkpointing,
+            )?;
+            loss_total += l;
             acc = Some(match acc {
                 None => g,
                 Some(a) => a
