@@ -28,6 +28,14 @@ for model in (base_model, adapter):
     assert len(choice.logprobs.content) == chat.usage.completion_tokens
     assert len(choice.logprobs.content[0].top_logprobs) == 3
     text = choice.message.content
+    # The same chat again reuses the cached keys and values of all but the last prompt token
+    # (the prefix cache) and answers the same.
+    again = client.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": "What is the capital of France?"}],
+        max_tokens=12, temperature=0)
+    assert again.choices[0].message.content == text, (again, text)
+    cached = again.usage.prompt_tokens_details.cached_tokens
+    assert cached == again.usage.prompt_tokens - 1, again.usage
 
     pieces, finish, usage = [], None, None
     stream = client.chat.completions.create(

@@ -62,6 +62,10 @@ pub struct ServeArgs {
     /// Most prompt tokens prefilled per step.
     #[arg(long)]
     pub prefill_chunk: Option<usize>,
+    /// Byte cap of the prefix cache: keys and values of earlier prompts and answers, reused by
+    /// prompts that start the same way under the same adapters (0 = off).
+    #[arg(long)]
+    pub prefix_cache_bytes: Option<u64>,
     /// Require `Authorization: Bearer KEY` on /v1 routes. Unset: no auth.
     #[arg(long, env = "LORAPLEX_API_KEY", hide_env_values = true)]
     pub api_key: Option<String>,
@@ -107,6 +111,7 @@ impl ServeArgs {
             max_batch_size,
             max_waiting,
             prefill_chunk,
+            prefix_cache_bytes,
             quantize,
             device,
             dtype,

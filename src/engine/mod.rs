@@ -7,6 +7,7 @@
 //! each decoding sequence, each row group with its own LoRA stack. It samples, streams events back
 //! through each sequence's channel and retires finished sequences.
 
+mod prefix_cache;
 mod scheduler;
 mod vllm_metrics;
 
@@ -34,6 +35,9 @@ pub struct EngineConfig {
     /// what its prompt plus `max_tokens` can fill when it is admitted; while the budget cannot
     /// hold the next one, it waits. One that could never fit is refused at submission.
     pub kv_budget_bytes: Option<usize>,
+    /// Byte cap of the prefix cache (0: off): the keys and values of prompts and finished
+    /// sequences, reused by later prompts that start the same way under the same adapters.
+    pub prefix_cache_bytes: usize,
 }
 
 impl Default for EngineConfig {
@@ -43,6 +47,7 @@ impl Default for EngineConfig {
             max_waiting: 256,
             prefill_chunk: 256,
             kv_budget_bytes: None,
+            prefix_cache_bytes: 256 << 20,
         }
     }
 }
@@ -82,6 +87,8 @@ pub enum EngineEvent {
         reason: FinishReason,
         prompt_tokens: usize,
         completion_tokens: usize,
+        /// Prompt tokens whose keys and values came from the prefix cache.
+        cached_tokens: usize,
     },
     /// The sequence failed (internal error); no more events follow.
     Error(String),

@@ -1,5 +1,6 @@
 //! The scheduler loop (runs on its own thread): admit, batch, forward, sample, stream, retire.
 
+use super::prefix_cache::{PrefixCache, StackKey};
 use super::vllm_metrics::{VllmMetrics, VllmSnapshot};
 use super::{
     kv_bytes_per_position, kv_positions, EngineConfig, EngineEvent, PromptLogprob, Submission,
@@ -25,6 +26,10 @@ pub struct EngineMetrics {
     pub inter_token_latency: Histogram,
     pub cancelled: IntCounter,
     pub kv_cache_bytes: IntGauge,
+    /// Sequences whose prefill started after a cached prefix, and the prompt tokens so skipped.
+    pub prefix_cache_hits: IntCounter,
+    pub prefix_cache_reused_tokens: IntCounter,
+    pub prefix_cache_bytes: IntGauge,
     /// vLLM's gauges for routers (`None`: not exported).
     pub vllm: Option<VllmMetrics>,
 }
@@ -47,6 +52,11 @@ impl EngineMetrics {
             "Sequences stopped because their client disconnected",
         )?;
         registry.register(Box::new(cancelled.clone()))?;
+        let counter = |name: &str, help: &str| -> prometheus::Result<IntCounter> {
+            let c = IntCounter::new(name, help)?;
+            registry.register(Box::new(c.clone()))?;
+            Ok(c)
+        };
         Ok(Self {
             batch_size: hist(
                 "loraplex_batch_size",
@@ -81,6 +91,18 @@ impl EngineMetrics {
                 "loraplex_kv_cache_bytes",
                 "Bytes held by running sequences' KV caches",
             )?,
+            prefix_cache_hits: counter(
+                "loraplex_prefix_cache_hits_total",
+                "Sequences whose prefill started after a cached prompt prefix",
+            )?,
+            prefix_cache_reused_tokens: counter(
+                "loraplex_prefix_cache_reused_tokens_total",
+                "Prompt tokens not prefilled because their keys and values were cached",
+            )?,
+            prefix_cache_bytes: gauge(
+                "loraplex_prefix_cache_bytes",
+                "Bytes held by the prefix cache",
+            )?,
             vllm: None,
         })
     }
@@ -106,6 +128,10 @@ struct Running {
     kv_reserved: usize,
     /// Prompt logprobs gathered so far (when the request asked for them).
     prompt_lp: Vec<PromptLogprob>,
+    /// The identity of its LoRA stack, for the prefix cache.
+    key: StackKey,
+    /// Prompt tokens taken from the prefix cache.
+    cached_tokens: usize,
 }
 
 pub(super) fn run(
@@ -117,6 +143,7 @@ pub(super) fn run(
 ) {
     let mut waiting: VecDeque<Submission> = VecDeque::new();
     let mut running: Vec<Running> = Vec::new();
+    let mut prefixes = PrefixCache::new(cfg.prefix_cache_bytes);
     // The backend is fixed by the model's device; it says how many rows one forward call holds.
     let row_budget = match Backend::of(model.llama.device()) {
         Ok(b) => b.row_budget(),
@@ -176,18 +203,24 @@ pub(super) fn run(
                 model.eos_ids.clone(),
                 model.tokenizer.as_ref(),
             ) {
-                Ok(state) => running.push(Running {
-                    state,
-                    // Capped at what the sequence may fill, so its buffers stay within its
-                    // reservation.
-                    cache: KvCache::new(model.llama.cfg.num_hidden_layers, positions),
-                    kv_reserved: need,
-                    prefilled: 0,
-                    next: None,
-                    last_token_at: None,
-                    prompt_lp: Vec::new(),
-                    sub,
-                }),
+                Ok(state) => {
+                    let mut r = Running {
+                        state,
+                        // Capped at what the sequence may fill, so its buffers stay within its
+                        // reservation.
+                        cache: KvCache::new(model.llama.cfg.num_hidden_layers, positions),
+                        kv_reserved: need,
+                        prefilled: 0,
+                        next: None,
+                        last_token_at: None,
+                        prompt_lp: Vec::new(),
+                        key: StackKey::of(sub.req.lora.as_ref()),
+                        cached_tokens: 0,
+                        sub,
+                    };
+                    reuse_prefix(&model, &mut prefixes, &mut r, &metrics);
+                    running.push(r);
+                }
                 Err(e) => {
                     reserved -= need;
                     let _ = sub.events.send(EngineEvent::Error(format!("{e:#}")));
@@ -199,8 +232,45 @@ pub(super) fn run(
         if running.is_empty() {
             continue;
         }
-        step(&model, &cfg, row_budget, &mut running, &metrics);
+        step(
+            &model,
+            &cfg,
+            row_budget,
+            &mut running,
+            &mut prefixes,
+            &metrics,
+        );
+        metrics.prefix_cache_bytes.set(prefixes.bytes() as i64);
         publish(&metrics, &cfg, &running, &waiting);
+    }
+}
+
+/// Starts `r`'s prefill after the longest cached prefix of its prompt under its stack (not when
+/// it scores its prompt: every prompt token needs its row then).
+fn reuse_prefix(
+    model: &LoadedModel,
+    prefixes: &mut PrefixCache,
+    r: &mut Running,
+    metrics: &EngineMetrics,
+) {
+    if r.sub.req.prompt_logprobs.is_some() {
+        return;
+    }
+    let Some(hit) = prefixes.lookup(&r.key, &r.sub.req.prompt_ids) else {
+        return;
+    };
+    match hit.load_into(&mut r.cache) {
+        Ok(()) => {
+            r.prefilled = hit.len;
+            r.cached_tokens = hit.len;
+            metrics.prefix_cache_hits.inc();
+            metrics.prefix_cache_reused_tokens.inc_by(hit.len as u64);
+        }
+        Err(e) => {
+            // Device memory, say: prefill the whole prompt in a fresh cache instead.
+            tracing::debug!("prefix cache: reuse skipped ({e})");
+            r.cache = KvCache::new(model.llama.cfg.num_hidden_layers, r.cache.max_len());
+        }
     }
 }
 
@@ -259,6 +329,7 @@ fn step(
     cfg: &EngineConfig,
     row_budget: usize,
     running: &mut Vec<Running>,
+    prefixes: &mut PrefixCache,
     metrics: &EngineMetrics,
 ) {
     // Decide each sequence's tokens for this step.
@@ -380,6 +451,9 @@ fn step(
                 }
             }
             r.prefilled += toks.len();
+            if *completes {
+                prefixes.insert(&r.key, &r.sub.req.prompt_ids, &r.cache);
+            }
         }
         if !completes {
             continue;
@@ -409,6 +483,7 @@ fn step(
                 reason: crate::generate::FinishReason::Length,
                 prompt_tokens: r.sub.req.prompt_ids.len(),
                 completion_tokens: 0,
+                cached_tokens: r.cached_tokens,
             });
             finished[*i] = true;
             continue;
@@ -437,7 +512,14 @@ fn step(
                         reason,
                         prompt_tokens: r.sub.req.prompt_ids.len(),
                         completion_tokens: r.state.ids.len(),
+                        cached_tokens: r.cached_tokens,
                     });
+                    // The whole history (prompt and answer but the last token), for the next
+                    // turn of a conversation.
+                    let mut fed = r.sub.req.prompt_ids.clone();
+                    fed.extend_from_slice(&r.state.ids);
+                    fed.truncate(r.cache.len());
+                    prefixes.insert(&r.key, &fed, &r.cache);
                     finished[*i] = true;
                 }
             }

@@ -16,6 +16,9 @@ pub struct RequestTiming {
     pub completion_tokens: usize,
     /// Prompt tokens (`usage.prompt_tokens`).
     pub prompt_tokens: usize,
+    /// Prompt tokens the server's prefix cache supplied
+    /// (`usage.prompt_tokens_details.cached_tokens`; 0 when absent).
+    pub cached_tokens: usize,
 }
 
 /// The request a client sends.
@@ -85,6 +88,10 @@ pub fn read_stream(reader: impl BufRead, sent: Instant) -> Result<RequestTiming,
             let n = |k: &str| u.get(k).and_then(Value::as_u64).unwrap_or(0) as usize;
             t.completion_tokens = n("completion_tokens");
             t.prompt_tokens = n("prompt_tokens");
+            t.cached_tokens = u
+                .pointer("/prompt_tokens_details/cached_tokens")
+                .and_then(Value::as_u64)
+                .unwrap_or(0) as usize;
         }
         if is_token_chunk(&v) {
             match last {
@@ -131,12 +138,13 @@ mod tests {
                     data: {\"choices\":[{\"delta\":{\"content\":\"Hi\"}}]}\n\n\
                     data: {\"choices\":[{\"delta\":{\"content\":\" there\"}}]}\n\n\
                     data: {\"choices\":[{\"delta\":{},\"finish_reason\":\"length\"}]}\n\n\
-                    data: {\"choices\":[],\"usage\":{\"prompt_tokens\":5,\"completion_tokens\":2}}\n\n\
+                    data: {\"choices\":[],\"usage\":{\"prompt_tokens\":5,\"completion_tokens\":2,\"prompt_tokens_details\":{\"cached_tokens\":3}}}\n\n\
                     data: [DONE]\n\n";
         let t = read_stream(text.as_bytes(), Instant::now()).unwrap();
         assert!(t.ttft.is_some());
         assert_eq!(t.inter_token.len(), 1);
         assert_eq!((t.prompt_tokens, t.completion_tokens), (5, 2));
+        assert_eq!(t.cached_tokens, 3);
         let cut = "data: {\"choices\":[{\"delta\":{\"content\":\"Hi\"}}]}\n";
         assert!(read_stream(cut.as_bytes(), Instant::now()).is_err());
         let err = "data: {\"error\":{\"message\":\"boom\"}}\n";

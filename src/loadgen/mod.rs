@@ -19,7 +19,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// The chat prompts clients draw from (short user questions: ~30–40 tokens with the default
-/// model's chat template).
+/// model's chat template). Each request adds its own reference to one, so no two requests of a
+/// run are the same text: a server's prefix cache can share the chat template's system part,
+/// not whole prompts.
 pub const PROMPTS: &[&str] = &[
     "Explain in two sentences why the sky looks blue during the day.",
     "Write a short note reminding the team about Friday's deployment freeze.",
@@ -76,6 +78,8 @@ pub struct CaseResult {
     pub first_error: Option<String>,
     pub completion_tokens: usize,
     pub prompt_tokens_mean: f64,
+    /// Prompt tokens the server's prefix cache supplied, per request.
+    pub cached_tokens_mean: f64,
     pub wall_s: f64,
     pub tokens_per_s: f64,
     pub requests_per_s: f64,
@@ -120,7 +124,10 @@ pub fn run_case(
             for k in 0..spec.requests_per_stream {
                 let req = ChatRequest {
                     model: model.clone(),
-                    prompt: PROMPTS[(first + k) % PROMPTS.len()].to_string(),
+                    prompt: format!(
+                        "{} (ref {pass}.{c}.{k})",
+                        PROMPTS[(first + k) % PROMPTS.len()]
+                    ),
                     max_tokens: spec.new_tokens,
                 };
                 let r = client::stream_chat(&agent, &spec.url, spec.api_key.as_deref(), &req);
@@ -151,6 +158,7 @@ fn summarise(
     let requests = all.len();
     let (mut ttft, mut itl, mut tokens, mut prompt_tokens, mut errors) =
         (Vec::new(), Vec::new(), 0, 0, 0);
+    let mut cached_tokens = 0;
     let mut first_error = None;
     let mut ok = 0;
     for r in all {
@@ -161,6 +169,7 @@ fn summarise(
                 itl.extend(t.inter_token);
                 tokens += t.completion_tokens;
                 prompt_tokens += t.prompt_tokens;
+                cached_tokens += t.cached_tokens;
             }
             Ok(t) => {
                 errors += 1;
@@ -191,6 +200,7 @@ fn summarise(
         first_error,
         completion_tokens: tokens,
         prompt_tokens_mean: prompt_tokens as f64 / ok.max(1) as f64,
+        cached_tokens_mean: cached_tokens as f64 / ok.max(1) as f64,
         wall_s: wall,
         tokens_per_s: tokens as f64 / wall,
         requests_per_s: ok as f64 / wall,
@@ -204,13 +214,13 @@ fn summarise(
 /// The results as a Markdown table, with each row's throughput against the first row's.
 pub fn table(rows: &[CaseResult]) -> String {
     let mut s = String::from(
-        "| case | pass | tok/s | vs first | req/s | TTFT p50 / p99 s | inter-token p50 / p99 s | errors |\n\
-         | --- | ---: | ---: | ---: | ---: | --- | --- | ---: |\n",
+        "| case | pass | tok/s | vs first | req/s | TTFT p50 / p99 s | inter-token p50 / p99 s | prompt / cached tokens | errors |\n\
+         | --- | ---: | ---: | ---: | ---: | --- | --- | --- | ---: |\n",
     );
     let first = rows.first().map(|r| r.tokens_per_s).unwrap_or(f64::NAN);
     for r in rows {
         s += &format!(
-            "| {} | {} | {:.1} | {:.2}x | {:.2} | {:.2} / {:.2} | {:.3} / {:.3} | {} |\n",
+            "| {} | {} | {:.1} | {:.2}x | {:.2} | {:.2} / {:.2} | {:.3} / {:.3} | {:.1} / {:.1} | {} |\n",
             r.label,
             r.pass,
             r.tokens_per_s,
@@ -220,6 +230,8 @@ pub fn table(rows: &[CaseResult]) -> String {
             r.ttft_p99_s,
             r.inter_token_p50_s,
             r.inter_token_p99_s,
+            r.prompt_tokens_mean,
+            r.cached_tokens_mean,
             r.errors
         );
     }
@@ -252,6 +264,7 @@ mod tests {
             inter_token: vec![0.02, 0.03],
             completion_tokens: 3,
             prompt_tokens: 10,
+            cached_tokens: 4,
         };
         let short = RequestTiming {
             completion_tokens: 1,
@@ -267,6 +280,7 @@ mod tests {
         assert_eq!((r.requests, r.errors, r.completion_tokens), (3, 2, 3));
         assert_eq!(r.distinct_models, 2);
         assert_eq!(r.tokens_per_s, 1.5);
+        assert_eq!((r.prompt_tokens_mean, r.cached_tokens_mean), (10.0, 4.0));
         assert!(r.first_error.unwrap().contains("1 tokens"));
     }
 }

@@ -123,4 +123,51 @@ impl KvCache {
     pub fn commit(&mut self) {
         self.len = self.pending;
     }
+
+    /// A copy of the first `len` positions of every layer (`[kv_heads, len, head_dim]` keys and
+    /// values, sharing nothing with this cache), e.g. for the engine's prefix cache.
+    pub fn snapshot(&self, len: usize) -> Result<Vec<(Tensor, Tensor)>> {
+        if len > self.len {
+            candle_core::bail!("snapshot of {len} positions from a cache of {}", self.len);
+        }
+        let owned = |t: &Option<Tensor>| -> Result<Tensor> {
+            let Some(t) = t else {
+                candle_core::bail!("snapshot of a layer that holds nothing");
+            };
+            let part = t.narrow(1, 0, len)?;
+            // `contiguous` would share the buffer when the view already is contiguous.
+            if part.is_contiguous() {
+                part.copy()
+            } else {
+                part.contiguous()
+            }
+        };
+        self.layers
+            .iter()
+            .map(|l| Ok((owned(&l.k)?, owned(&l.v)?)))
+            .collect()
+    }
+
+    /// Fills an empty cache with the first `len` positions of `kv` (one `[kv_heads, n, head_dim]`
+    /// pair per layer, `n >= len`, as [`KvCache::snapshot`] gives): the next token is at `len`.
+    pub fn load_prefix(&mut self, kv: &[(Tensor, Tensor)], len: usize) -> Result<()> {
+        if self.len != 0 {
+            candle_core::bail!("load_prefix into a cache that already holds {}", self.len);
+        }
+        if kv.len() != self.layers.len() {
+            candle_core::bail!(
+                "prefix of {} layers for a cache of {}",
+                kv.len(),
+                self.layers.len()
+            );
+        }
+        for (layer, (k, v)) in kv.iter().enumerate() {
+            let (heads, _, dim) = k.dims3()?;
+            let (kb, vb) = self.reserve(layer, len, (heads, dim), k.dtype(), k.device())?;
+            kb.slice_set(&k.narrow(1, 0, len)?.contiguous()?, 1, 0)?;
+            vb.slice_set(&v.narrow(1, 0, len)?.contiguous()?, 1, 0)?;
+        }
+        self.commit();
+        Ok(())
+    }
 }

@@ -46,6 +46,9 @@ pub struct ServeConfig {
     pub max_waiting: usize,
     /// Most prompt tokens prefilled per step.
     pub prefill_chunk: usize,
+    /// Byte cap of the prefix cache (0: off): keys and values of earlier prompts and answers,
+    /// reused when a new prompt starts the same way under the same adapters.
+    pub prefix_cache_bytes: u64,
     /// Bearer key every `/v1` route needs (unset = open). `LORAPLEX_API_KEY` also sets it.
     pub api_key: Option<String>,
     /// Bearer key for adapter admin routes (unset = `api_key`). `LORAPLEX_ADMIN_KEY` also sets it.
@@ -91,6 +94,7 @@ impl Default for ServeConfig {
             max_batch_size: 32,
             max_waiting: 256,
             prefill_chunk: 256,
+            prefix_cache_bytes: 256 << 20,
             api_key: None,
             admin_key: None,
             max_connections: 1024,

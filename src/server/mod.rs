@@ -241,6 +241,7 @@ pub async fn build_state(cfg: &ServeConfig) -> Result<Shared> {
             max_waiting: cfg.max_waiting,
             prefill_chunk: cfg.prefill_chunk,
             kv_budget_bytes: kv_budget(cfg, &model)?,
+            prefix_cache_bytes: usize::try_from(cfg.prefix_cache_bytes).unwrap_or(usize::MAX),
         },
         engine_metrics.clone(),
     );

@@ -96,6 +96,15 @@ struct ChoiceOut {
     finish: Option<FinishReason>,
     prompt_tokens: usize,
     completion_tokens: usize,
+    cached_tokens: usize,
+}
+
+/// OpenAI's `usage` object; `prompt_tokens_details.cached_tokens` counts the prompt tokens the
+/// prefix cache supplied.
+fn usage(prompt: usize, completion: usize, cached: usize) -> Value {
+    json!({"prompt_tokens": prompt, "completion_tokens": completion,
+           "total_tokens": prompt + completion,
+           "prompt_tokens_details": {"cached_tokens": cached}})
 }
 
 /// Completions' `logprobs` object: the scored prompt tokens (echo; the first has no score),
@@ -198,10 +207,12 @@ pub async fn collect(
                     reason,
                     prompt_tokens,
                     completion_tokens,
+                    cached_tokens,
                 } => {
                     out.finish = Some(reason);
                     out.prompt_tokens = prompt_tokens;
                     out.completion_tokens = completion_tokens;
+                    out.cached_tokens = cached_tokens;
                     break;
                 }
                 EngineEvent::Error(e) => {
@@ -219,6 +230,7 @@ pub async fn collect(
         outs.push(out);
     }
     let prompt_tokens = outs.first().map(|o| o.prompt_tokens).unwrap_or(0);
+    let cached_tokens = outs.iter().map(|o| o.cached_tokens).min().unwrap_or(0);
     let completion_tokens: usize = outs.iter().map(|o| o.completion_tokens).sum();
     let want_lp = outs
         .iter()
@@ -258,8 +270,7 @@ pub async fn collect(
         "created": unix_now(),
         "model": job.model,
         "choices": choices,
-        "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                  "total_tokens": prompt_tokens + completion_tokens},
+        "usage": usage(prompt_tokens, completion_tokens, cached_tokens),
     });
     Ok(axum::Json(body).into_response())
 }
@@ -316,6 +327,7 @@ pub fn sse_response(
                 .map(|c| UnboundedReceiverStream::new(c.rx).map(move |ev| (c.index, ev))),
         );
         let (mut prompt_tokens, mut completion_tokens, mut done) = (0, 0, 0);
+        let mut cached_tokens = usize::MAX;
         loop {
             // Wait for the next event or for the client to leave, whichever comes first: a
             // client that leaves before its first token (queued, or during a long prefill)
@@ -362,8 +374,10 @@ pub fn sse_response(
                     reason,
                     prompt_tokens: p,
                     completion_tokens: c,
+                    cached_tokens: k,
                 } => {
                     prompt_tokens = p;
+                    cached_tokens = cached_tokens.min(k);
                     completion_tokens += c;
                     done += 1;
                     match job.flavor {
@@ -425,8 +439,7 @@ pub fn sse_response(
         }
         if include_usage {
             let v = json!({"id": id, "object": object, "created": created, "model": job.model, "choices": [],
-                "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                          "total_tokens": prompt_tokens + completion_tokens}});
+                "usage": usage(prompt_tokens, completion_tokens, cached_tokens.min(prompt_tokens))});
             let _ = tx.send(Ok(Event::default().data(v.to_string()))).await;
         }
         let _ = tx.send(Ok(Event::default().data("[DONE]"))).await;
