@@ -8,7 +8,7 @@ mod common;
 
 use common::server::Server;
 use common::*;
-use serde_json::{json, Value};
+use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -16,8 +16,9 @@ fn repo(p: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(p)
 }
 
-/// `train --config configs/train-legal.toml --max-steps 40` with extra flags; returns the
-/// summary the command prints.
+/// `train --config configs/train-legal.toml --max-steps 40` at r=16 on every linear layer (the
+/// shipped adapters use r=8 on the attention projections, to stay small in git) with extra
+/// flags; returns the summary the command prints.
 fn train_legal(out: &Path, extra: &[&str]) -> Value {
     let mut args = vec![
         "train",
@@ -27,6 +28,12 @@ fn train_legal(out: &Path, extra: &[&str]) -> Value {
         out.to_str().unwrap(),
         "--max-steps",
         "40",
+        "--rank",
+        "16",
+        "--alpha",
+        "32",
+        "--target-modules",
+        "all-linear",
     ];
     args.extend(extra);
     let o = Command::new(bin())
@@ -81,17 +88,11 @@ fn legal_config_learns_the_format_and_is_served_and_qlora_does_too_in_less_memor
     let regex_file = repo("data/legal/format.regex");
     // Served as-is by `loraplex serve`.
     let server = Server::start(&["--adapters-dir", adapters.to_str().unwrap()]);
-    let (code, body) = server.post(
-        "/v1/chat/completions",
-        &json!({"model": "legal", "temperature": 0, "max_tokens": 48,
-                "messages": [{"role": "user", "content": "Can a shop refuse a refund for a faulty product?"}]}),
+    let answer = server.chat_answer(
+        "legal",
+        "Can a shop refuse a refund for a faulty product?",
+        48,
     );
-    assert_eq!(code, 200, "{body}");
-    let answer = body["choices"][0]["message"]["content"]
-        .as_str()
-        .unwrap()
-        .trim()
-        .to_string();
     let re = regex::Regex::new(std::fs::read_to_string(regex_file).unwrap().trim()).unwrap();
     assert!(
         re.is_match(&answer),

@@ -123,6 +123,21 @@ impl Server {
         }
     }
 
+    /// A greedy chat answer of `model` to one user message (trimmed); panics unless 200.
+    pub fn chat_answer(&self, model: &str, question: &str, max_tokens: usize) -> String {
+        let (code, body) = self.post(
+            "/v1/chat/completions",
+            &serde_json::json!({"model": model, "temperature": 0, "max_tokens": max_tokens,
+                    "messages": [{"role": "user", "content": question}]}),
+        );
+        assert_eq!(code, 200, "{body}");
+        body["choices"][0]["message"]["content"]
+            .as_str()
+            .unwrap_or_default()
+            .trim()
+            .to_string()
+    }
+
     pub fn delete(&self, path: &str) -> (u16, Value) {
         respond(ureq::delete(&format!("{}{path}", self.url)).call())
     }
