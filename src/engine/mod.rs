@@ -47,7 +47,7 @@ impl Default for EngineConfig {
             max_waiting: 256,
             prefill_chunk: 256,
             kv_budget_bytes: None,
-            prefix_cache_bytes: 256 << 20,
+            prefix_cache_bytes: 1 << 30,
         }
     }
 }

@@ -19,9 +19,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// The chat prompts clients draw from (short user questions: ~30–40 tokens with the default
-/// model's chat template). Each request adds its own reference to one, so no two requests of a
-/// run are the same text: a server's prefix cache can share the chat template's system part,
-/// not whole prompts.
+/// model's chat template). Each request starts its message with its own reference, so no two
+/// requests of a run share more than the chat template's system part: a server's prefix cache
+/// can reuse that, not the questions.
 pub const PROMPTS: &[&str] = &[
     "Explain in two sentences why the sky looks blue during the day.",
     "Write a short note reminding the team about Friday's deployment freeze.",
@@ -125,7 +125,7 @@ pub fn run_case(
                 let req = ChatRequest {
                     model: model.clone(),
                     prompt: format!(
-                        "{} (ref {pass}.{c}.{k})",
+                        "[ref {pass}.{c}.{k}] {}",
                         PROMPTS[(first + k) % PROMPTS.len()]
                     ),
                     max_tokens: spec.new_tokens,

@@ -94,7 +94,7 @@ impl Default for ServeConfig {
             max_batch_size: 32,
             max_waiting: 256,
             prefill_chunk: 256,
-            prefix_cache_bytes: 256 << 20,
+            prefix_cache_bytes: 1 << 30,
             api_key: None,
             admin_key: None,
             max_connections: 1024,
