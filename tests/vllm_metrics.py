@@ -78,8 +78,14 @@ for t in threads:
     t.join()
 assert all(done.get(a, 0) >= 120 for a in adapters), done
 
-# Idle again: nothing running or waiting, no adapters listed.
-fams = scrape()
+# Idle again: nothing running or waiting, no adapters listed. The scheduler publishes its gauges
+# after the step that sent the last token, a moment after the client read it: wait for that.
+deadline = time.time() + 10
+while True:
+    fams = scrape()
+    if gauge(fams, "vllm:num_requests_running").value == 0 or time.time() > deadline:
+        break
+    time.sleep(0.02)
 assert gauge(fams, "vllm:num_requests_running").value == 0
 assert gauge(fams, "vllm:num_requests_waiting").value == 0
 idle = gauge(fams, "vllm:lora_requests_info").labels

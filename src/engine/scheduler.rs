@@ -508,18 +508,19 @@ fn step(
                     logprob: out.logprob,
                 });
                 if let Some(reason) = out.finish {
+                    // The whole history (prompt and answer but the last token), for the next
+                    // turn of a conversation; kept before Done goes out, so a client's next
+                    // request finds it.
+                    let mut fed = r.sub.req.prompt_ids.clone();
+                    fed.extend_from_slice(&r.state.ids);
+                    fed.truncate(r.cache.len());
+                    prefixes.insert(&r.key, &fed, &r.cache);
                     let _ = r.sub.events.send(EngineEvent::Done {
                         reason,
                         prompt_tokens: r.sub.req.prompt_ids.len(),
                         completion_tokens: r.state.ids.len(),
                         cached_tokens: r.cached_tokens,
                     });
-                    // The whole history (prompt and answer but the last token), for the next
-                    // turn of a conversation.
-                    let mut fed = r.sub.req.prompt_ids.clone();
-                    fed.extend_from_slice(&r.state.ids);
-                    fed.truncate(r.cache.len());
-                    prefixes.insert(&r.key, &fed, &r.cache);
                     finished[*i] = true;
                 }
             }
