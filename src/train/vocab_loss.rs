@@ -146,27 +146,19 @@ mod tests {
     use super::*;
     use candle_core::{DType, Var};
 
+    fn max_abs(t: &Tensor) -> f64 {
+        t.abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_dtype(DType::F64)
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap()
+    }
+
     fn max_rel(a: &Tensor, b: &Tensor) -> f64 {
-        let d = (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_dtype(DType::F64)
-            .unwrap()
-            .to_scalar::<f64>()
-            .unwrap();
-        let s = b
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_dtype(DType::F64)
-            .unwrap()
-            .to_scalar::<f64>()
-            .unwrap();
-        d / s.max(1e-30)
+        max_abs(&(a - b).unwrap()) / max_abs(b).max(1e-30)
     }
 
     /// Values and input gradients (under uneven upstream weights, as DPO's per-sequence sums
