@@ -131,7 +131,7 @@ impl PrefixCache {
         if self
             .entries
             .iter()
-            .any(|e| same_key(e) && e.tokens.len() >= tokens.len() && e.tokens.starts_with(tokens))
+            .any(|e| same_key(e) && e.tokens.starts_with(tokens))
         {
             return;
         }

@@ -327,7 +327,8 @@ pub fn sse_response(
                 .map(|c| UnboundedReceiverStream::new(c.rx).map(move |ev| (c.index, ev))),
         );
         let (mut prompt_tokens, mut completion_tokens, mut done) = (0, 0, 0);
-        let mut cached_tokens = usize::MAX;
+        // The fewest any choice reused (each choice is its own sequence).
+        let mut cached_tokens: Option<usize> = None;
         loop {
             // Wait for the next event or for the client to leave, whichever comes first: a
             // client that leaves before its first token (queued, or during a long prefill)
@@ -377,7 +378,7 @@ pub fn sse_response(
                     cached_tokens: k,
                 } => {
                     prompt_tokens = p;
-                    cached_tokens = cached_tokens.min(k);
+                    cached_tokens = Some(cached_tokens.map_or(k, |c| c.min(k)));
                     completion_tokens += c;
                     done += 1;
                     match job.flavor {
@@ -439,7 +440,7 @@ pub fn sse_response(
         }
         if include_usage {
             let v = json!({"id": id, "object": object, "created": created, "model": job.model, "choices": [],
-                "usage": usage(prompt_tokens, completion_tokens, cached_tokens.min(prompt_tokens))});
+                "usage": usage(prompt_tokens, completion_tokens, cached_tokens.unwrap_or(0))});
             let _ = tx.send(Ok(Event::default().data(v.to_string()))).await;
         }
         let _ = tx.send(Ok(Event::default().data("[DONE]"))).await;
