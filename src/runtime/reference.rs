@@ -203,7 +203,7 @@ fn linear(model: &Llama, x: &Tensor, layer: usize, proj: Proj, lora: &LoraRows) 
                 if let Some(pair) = stack.pair(layer, proj) {
                     renumber[i] = sets.len() as u32;
                     sets.push(&pair.a);
-                    bts.push(pair.b.t()?);
+                    bts.push(pair.bt.clone());
                 }
             }
             if !sets.is_empty() {

@@ -52,14 +52,10 @@ pub fn eligible(model: &Llama, seqs: &[SeqInput<'_>], rows: usize) -> bool {
                 }))
         }))
         .all(readable);
-    let stacks_ok = seqs.iter().filter_map(|s| s.lora.as_ref()).all(|st| {
-        (0..model.blocks.len()).all(|l| {
-            Proj::ALL
-                .iter()
-                .filter_map(|&p| st.pair(l, p))
-                .all(|pair| readable(&pair.a) && pair.b.t().is_ok_and(|bt| readable(&bt)))
-        })
-    });
+    let stacks_ok = seqs
+        .iter()
+        .filter_map(|s| s.lora.as_ref())
+        .all(|st| st.flat().is_some_and(readable));
     model_ok && stacks_ok
 }
 
@@ -143,6 +139,8 @@ fn rope_row(v: &mut [f32], hd: usize, cos: &[f32], sin: &[f32]) {
 struct Projector<'m> {
     model: &'m Llama,
     groups: &'m RowGroups,
+    /// Each group's stack's flat buffer (`LoraStack::flat`), read-locked for the whole call.
+    flats: Vec<View<'m>>,
 }
 
 impl Projector<'_> {
@@ -167,50 +165,64 @@ impl Projector<'_> {
             .iter()
             .map(|p| blk.proj[p.index()].bias.as_ref().map(View::new).transpose())
             .collect::<Result<Vec<_>>>()?;
-        // B is read as `B^T: [R, out]`, contiguous (see `LoraPair::b`; `eligible` checked it).
-        let bts = pairs
+        // `A: [R, in]` and `B^T: [R, out]` of each (projection, group), from the group's flat
+        // buffer (`eligible` checked every stack has one).
+        let flats = self
+            .flats
+            .iter()
+            .map(View::slice)
+            .collect::<Result<Vec<_>>>()?;
+        let ab = pairs
             .iter()
             .map(|row| {
                 row.iter()
-                    .map(|pr| pr.map(|pr| pr.b.t()).transpose())
-                    .collect::<Result<Vec<_>>>()
-            })
-            .collect::<Result<Vec<_>>>()?;
-        let ab_views = pairs
-            .iter()
-            .zip(&bts)
-            .map(|(row, bt_row)| {
-                row.iter()
-                    .zip(bt_row)
-                    .map(|(pr, bt)| match (pr, bt) {
-                        (Some(pr), Some(bt)) => Ok(Some((View::new(&pr.a)?, View::new(bt)?))),
-                        _ => Ok(None),
+                    .zip(&flats)
+                    .map(|(pr, flat)| {
+                        let Some(pr) = pr else { return Ok(None) };
+                        let spans = pr.flat.as_ref();
+                        match spans
+                            .and_then(|s| Some((flat.get(s.a.clone())?, flat.get(s.bt.clone())?)))
+                        {
+                            Some(ab) => Ok(Some(ab)),
+                            None => candle_core::bail!(
+                                "fast path: an adapter pair outside its stack's buffer"
+                            ),
+                        }
                     })
                     .collect::<Result<Vec<_>>>()
             })
             .collect::<Result<Vec<_>>>()?;
-        // Each group's own rows of x (none needed when the group is the whole batch).
+        // Each group's own rows of x: a slice of x when they are consecutive (a prompt chunk, a
+        // lone decode row), else gathered.
         let gathered: Vec<Option<Vec<f32>>> = groups
             .iter()
             .map(|(_, rows)| {
-                (rows.len() != m).then(|| {
-                    rows.iter()
-                        .flat_map(|&r| x[r * k..(r + 1) * k].iter().copied())
-                        .collect()
+                (!consecutive(rows)).then(|| {
+                    let mut g = Vec::with_capacity(rows.len() * k);
+                    for &r in rows {
+                        g.extend_from_slice(&x[r * k..(r + 1) * k]);
+                    }
+                    g
                 })
             })
             .collect();
+        let group_x = |gi: usize| -> &[f32] {
+            match (&gathered[gi], groups[gi].1.first()) {
+                (Some(g), _) => g,
+                (None, Some(&r0)) => &x[r0 * k..(r0 + groups[gi].1.len()) * k],
+                (None, None) => &[],
+            }
+        };
         // Phase 1: t = x A^T for every (projection, group) with a pair.
         let mut t_jobs = Vec::new();
         let mut t_index = vec![vec![None; groups.len()]; projs.len()];
-        for (pi, row) in ab_views.iter().enumerate() {
-            for (gi, ab) in row.iter().enumerate() {
-                let Some((a, _)) = ab else { continue };
-                let a = a.slice()?;
+        for (pi, row) in ab.iter().enumerate() {
+            for (gi, pair) in row.iter().enumerate() {
+                let Some((a, _)) = *pair else { continue };
                 let rows = &groups[gi].1;
                 t_index[pi][gi] = Some(t_jobs.len());
                 t_jobs.push(LinearJob {
-                    x: gathered[gi].as_deref().unwrap_or(x),
+                    x: group_x(gi),
                     m: rows.len(),
                     k,
                     w: JobWeight::F32(a),
@@ -234,9 +246,8 @@ impl Projector<'_> {
             if t_index[pi].iter().any(Option::is_some) {
                 for g in &self.groups.of_row {
                     let lr = match *g {
-                        Some((gi, pos)) => match (&ab_views[pi][gi], t_index[pi][gi]) {
+                        Some((gi, pos)) => match (ab[pi][gi], t_index[pi][gi]) {
                             (Some((_, bt)), Some(ti)) => {
-                                let bt = bt.slice()?;
                                 let r = bt.len() / n.max(1);
                                 Some(LowRank {
                                     bt,
@@ -262,6 +273,11 @@ impl Projector<'_> {
         }
         kernels::linear_rows(&jobs)
     }
+}
+
+/// Whether `rows` are `r, r+1, r+2, ...`.
+fn consecutive(rows: &[usize]) -> bool {
+    rows.windows(2).all(|w| w[1] == w[0] + 1)
 }
 
 /// Causal attention of one sequence's `len` new rows at offset `off` for one query head:
@@ -443,7 +459,19 @@ fn forward_on_pool(
     let cfg = &model.cfg;
     let h = cfg.hidden_size;
     let eps = cfg.rms_norm_eps as f32;
-    let lin = Projector { model, groups };
+    let flats = groups
+        .list
+        .iter()
+        .map(|(st, _)| match st.flat() {
+            Some(f) => View::new(f),
+            None => candle_core::bail!("fast path: an adapter stack without its flat buffer"),
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let lin = Projector {
+        model,
+        groups,
+        flats,
+    };
     let m = groups.of_row.len();
     let mut x = Vec::with_capacity(m * h);
     {

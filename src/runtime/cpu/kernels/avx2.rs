@@ -86,6 +86,38 @@ pub(super) unsafe fn low_rank_cols(bt: &[f32], n: usize, j0: usize, t: &[f32], a
     }
 }
 
+/// `acc[c] = Σ_r t[r] bt[r*n + c]` for every column `c < n = acc.len()`: one pass over `acc`
+/// per `r`, so each row of `bt` is read once, front to back (one memory stream at a time). Per
+/// column it is the same chain of fused multiply-adds, in `r` order from zero, as
+/// `low_rank_cols` computes, so both give the same values.
+///
+/// # Safety
+/// The CPU must support AVX2 and FMA.
+#[target_feature(enable = "avx2,fma")]
+pub(super) unsafe fn low_rank_row(bt: &[f32], t: &[f32], acc: &mut [f32]) {
+    let n = acc.len();
+    acc.fill(0.0);
+    let full = n / 8 * 8;
+    for (r, &tr) in t.iter().enumerate() {
+        let row = &bt[r * n..(r + 1) * n];
+        let b = _mm256_set1_ps(tr);
+        let (rp, ap) = (row.as_ptr(), acc.as_mut_ptr());
+        let mut c = 0;
+        while c < full {
+            // SAFETY: c + 8 <= full <= n = row.len() = acc.len().
+            unsafe {
+                let sum =
+                    _mm256_fmadd_ps(b, _mm256_loadu_ps(rp.add(c)), _mm256_loadu_ps(ap.add(c)));
+                _mm256_storeu_ps(ap.add(c), sum);
+            }
+            c += 8;
+        }
+        for (a, w) in acc[full..].iter_mut().zip(&row[full..]) {
+            *a = tr.mul_add(*w, *a);
+        }
+    }
+}
+
 /// `out[c] = Σ_r t[r] bt[r*n + c0 + c]` for `8 * V` columns.
 ///
 /// # Safety

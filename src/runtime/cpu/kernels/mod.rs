@@ -4,7 +4,7 @@
 //! where candle's gemm pays for packing, thread dispatch and allocation on each of hundreds of
 //! small calls per token. `linear_rows` instead streams each `[n, k]` row-major weight once, over
 //! contiguous rows (dot products), for all input rows at a time, split across rayon's threads,
-//! and adds the bias and a per-row low-rank (LoRA) term in the same pass.
+//! and adds the bias; then each row's low-rank (LoRA) term in a pass of its own, one row at a time.
 //!
 //! Each output element is computed the same way whatever the number of rows, their grouping or
 //! the split across threads: one accumulator of the instruction set's width (16 lanes with
@@ -148,8 +148,12 @@ fn linear_rows_with(jobs: &[LinearJob<'_>], isa: Isa) -> Result<Vec<Vec<f32>>> {
             }
             continue;
         }
-        // Small jobs (a LoRA `A`, 8-64 rows) still split in two, to spread over two threads.
-        let rows = TASK_ROWS.min(job.n.div_ceil(2).next_multiple_of(NR_ONE));
+        // A small job (a LoRA `A`, 8-64 rows) alone still splits in two, to spread over two
+        // threads; among many (one per adapter in the step) each stays whole: one stream.
+        let rows = match jobs.len() >= 2 * rayon::current_num_threads() {
+            true => TASK_ROWS,
+            false => TASK_ROWS.min(job.n.div_ceil(2).next_multiple_of(NR_ONE)),
+        };
         for (c, chunk) in out.chunks_mut(rows * job.m).enumerate() {
             tasks.push(Task::WeightRows(ji, c * rows, chunk));
         }
@@ -167,14 +171,46 @@ fn linear_rows_with(jobs: &[LinearJob<'_>], isa: Isa) -> Result<Vec<Vec<f32>>> {
     } else {
         tasks.into_par_iter().try_for_each(run)?;
     }
-    Ok(jobs
+    let mut outs: Vec<Vec<f32>> = jobs
         .iter()
         .zip(outs)
         .map(|(job, t)| match by_input_rows(job) {
             true => t,
             false => transpose(t, job.n, job.m),
         })
-        .collect())
+        .collect();
+    add_low_rank(jobs, &mut outs, isa);
+    Ok(outs)
+}
+
+/// Adds each row's low-rank term to its output row (`outs[j]`: `[m, n]`, base product and bias
+/// already in): one task per row, which reads that row's `B^T` whole, front to back, one row of
+/// it after the other — a few long memory streams, where a share of the weight rows per task
+/// read 64-column pieces of every adapter's `B^T` at once (32 distinct adapters in a step:
+/// hundreds of short streams). The values are those of the per-column sums either way.
+fn add_low_rank(jobs: &[LinearJob<'_>], outs: &mut [Vec<f32>], isa: Isa) {
+    let mut rows: Vec<(&LowRank<'_>, &mut [f32])> = Vec::new();
+    let mut work = 0;
+    for (job, out) in jobs.iter().zip(outs.iter_mut()) {
+        for (lr, row) in job.low_rank.iter().zip(out.chunks_mut(job.n.max(1))) {
+            if let Some(lr) = lr {
+                work += lr.bt.len();
+                rows.push((lr, row));
+            }
+        }
+    }
+    let one = |(lr, row): (&LowRank<'_>, &mut [f32])| {
+        let mut acc = vec![0f32; row.len()];
+        low_rank_row(lr.bt, lr.t, &mut acc, isa);
+        for (v, a) in row.iter_mut().zip(&acc) {
+            *v += *a;
+        }
+    };
+    if work < PARALLEL_MIN_WORK || rows.len() < 2 {
+        rows.into_iter().for_each(one);
+    } else {
+        rows.into_par_iter().for_each(one);
+    }
 }
 
 /// A share of one job's output: weight rows `j0..` for every input row (`[rows, m]`,
@@ -196,8 +232,8 @@ fn by_input_rows(job: &LinearJob<'_>) -> bool {
 }
 
 /// Input rows `i0..` of a dense job into `out` (`[rows, n]` row-major): the base product, then
-/// the bias, then each row's low-rank term — the same values in the same order as `run_rows`
-/// computes them, so a row's result does not depend on how its call was split.
+/// the bias — the same values in the same order as `run_rows` computes them, so a row's result
+/// does not depend on how its call was split (low-rank terms come after, in `add_low_rank`).
 fn input_rows(job: &LinearJob<'_>, i0: usize, out: &mut [f32], isa: Isa) {
     let JobWeight::F32(w_all) = job.w else {
         return;
@@ -227,21 +263,6 @@ fn input_rows(job: &LinearJob<'_>, i0: usize, out: &mut [f32], isa: Isa) {
         for row in out.chunks_mut(n) {
             for (v, b) in row.iter_mut().zip(bias) {
                 *v += *b;
-            }
-        }
-    }
-    for (ii, row) in out.chunks_mut(n).enumerate() {
-        let Some(Some(lr)) = job.low_rank.get(i0 + ii) else {
-            continue;
-        };
-        // In TASK_ROWS pieces, as `run_rows` sums them (the sums are per column, so the split
-        // does not change a value).
-        let mut acc = [0f32; TASK_ROWS];
-        for (c, piece) in row.chunks_mut(TASK_ROWS).enumerate() {
-            let acc = &mut acc[..piece.len()];
-            low_rank_cols(lr.bt, n, c * TASK_ROWS, lr.t, acc, isa);
-            for (v, a) in piece.iter_mut().zip(acc.iter()) {
-                *v += *a;
             }
         }
     }
@@ -355,17 +376,6 @@ fn run_rows(
             }
         }
     }
-    // Low-rank terms: the sum over r of rows of `bt`, in r order (no horizontal sums).
-    let n = job.n;
-    for (i, lr) in job.low_rank.iter().enumerate() {
-        let Some(lr) = lr else { continue };
-        let mut acc = [0f32; TASK_ROWS];
-        let acc = &mut acc[..rows];
-        low_rank_cols(lr.bt, n, j0, lr.t, acc, isa);
-        for (jj, v) in acc.iter().enumerate() {
-            out[jj * m + i] += *v;
-        }
-    }
     Ok(())
 }
 
@@ -435,6 +445,26 @@ fn low_rank_cols(bt: &[f32], n: usize, j0: usize, t: &[f32], acc: &mut [f32], is
             s += tr * bt[r * n + j0 + c];
         }
         *a = s;
+    }
+}
+
+/// `acc[c] = Σ_r t[r] bt[r, c]` for every column of `bt: [t.len(), acc.len()]`, per column the
+/// arithmetic of `low_rank_cols` (so the same values), reading `bt` row after row.
+fn low_rank_row(bt: &[f32], t: &[f32], acc: &mut [f32], isa: Isa) {
+    let n = acc.len();
+    let bt = &bt[..t.len() * n];
+    #[cfg(target_arch = "x86_64")]
+    if isa >= Isa::Avx2 {
+        // SAFETY: `isa` is at most `Isa::detect()`, which found AVX2 and FMA on this CPU.
+        unsafe { avx2::low_rank_row(bt, t, acc) };
+        return;
+    }
+    let _ = isa;
+    acc.fill(0.0);
+    for (row, &tr) in bt.chunks(n.max(1)).zip(t) {
+        for (a, w) in acc.iter_mut().zip(row) {
+            *a += tr * *w;
+        }
     }
 }
 
