@@ -3,8 +3,9 @@
 //!
 //! Same math as the candle-op path (`runtime::reference`), run on plain `f32` slices of the weights
 //! (read in place, no copies) with the kernels of `model::kernels`: per layer, one parallel pass
-//! over q/k/v, one over o, one over gate/up and one over down, each adding its LoRA deltas (per
-//! row group: `t = A x` for the group's rows, then `y += B t` inside the base pass); RMS norm,
+//! over q/k/v, one over o, one over gate/up and one over down, each followed by one over the rows
+//! with an adapter (`y += B (A x)`, each row streaming its own stack's `A` and `B^T` out of the
+//! stack's flat buffer); RMS norm,
 //! RoPE and attention over each sequence's KV cache on slices too. Only the KV cache writes go
 //! through candle ops. Every row is computed the same way whatever batch it is in.
 //!
@@ -192,48 +193,7 @@ impl Projector<'_> {
                     .collect::<Result<Vec<_>>>()
             })
             .collect::<Result<Vec<_>>>()?;
-        // Each group's own rows of x: a slice of x when they are consecutive (a prompt chunk, a
-        // lone decode row), else gathered.
-        let gathered: Vec<Option<Vec<f32>>> = groups
-            .iter()
-            .map(|(_, rows)| {
-                (!consecutive(rows)).then(|| {
-                    let mut g = Vec::with_capacity(rows.len() * k);
-                    for &r in rows {
-                        g.extend_from_slice(&x[r * k..(r + 1) * k]);
-                    }
-                    g
-                })
-            })
-            .collect();
-        let group_x = |gi: usize| -> &[f32] {
-            match (&gathered[gi], groups[gi].1.first()) {
-                (Some(g), _) => g,
-                (None, Some(&r0)) => &x[r0 * k..(r0 + groups[gi].1.len()) * k],
-                (None, None) => &[],
-            }
-        };
-        // Phase 1: t = x A^T for every (projection, group) with a pair.
-        let mut t_jobs = Vec::new();
-        let mut t_index = vec![vec![None; groups.len()]; projs.len()];
-        for (pi, row) in ab.iter().enumerate() {
-            for (gi, pair) in row.iter().enumerate() {
-                let Some((a, _)) = *pair else { continue };
-                let rows = &groups[gi].1;
-                t_index[pi][gi] = Some(t_jobs.len());
-                t_jobs.push(LinearJob {
-                    x: group_x(gi),
-                    m: rows.len(),
-                    k,
-                    w: JobWeight::F32(a),
-                    n: a.len() / k.max(1),
-                    bias: None,
-                    low_rank: vec![],
-                });
-            }
-        }
-        let ts = kernels::linear_rows(&t_jobs)?;
-        // Phase 2: the base projections with bias and each row's `B t`.
+        // The base projections with bias, and each row's `B A x`.
         let mut jobs = Vec::with_capacity(projs.len());
         for (pi, &p) in projs.iter().enumerate() {
             let w = match (&w_views[pi], &blk.proj[p.index()].weight) {
@@ -243,23 +203,16 @@ impl Projector<'_> {
             };
             let n = p.in_out(&self.model.cfg).1;
             let mut low_rank = Vec::new();
-            if t_index[pi].iter().any(Option::is_some) {
-                for g in &self.groups.of_row {
-                    let lr = match *g {
-                        Some((gi, pos)) => match (ab[pi][gi], t_index[pi][gi]) {
-                            (Some((_, bt)), Some(ti)) => {
-                                let r = bt.len() / n.max(1);
-                                Some(LowRank {
-                                    bt,
-                                    t: &ts[ti][pos * r..(pos + 1) * r],
-                                })
-                            }
-                            _ => None,
-                        },
-                        None => None,
-                    };
-                    low_rank.push(lr);
-                }
+            if ab[pi].iter().any(Option::is_some) {
+                low_rank = self
+                    .groups
+                    .of_row
+                    .iter()
+                    .map(|g| {
+                        let (a, bt) = ab[pi][g.as_ref()?.0]?;
+                        Some(LowRank { a, bt })
+                    })
+                    .collect();
             }
             jobs.push(LinearJob {
                 x,
@@ -273,11 +226,6 @@ impl Projector<'_> {
         }
         kernels::linear_rows(&jobs)
     }
-}
-
-/// Whether `rows` are `r, r+1, r+2, ...`.
-fn consecutive(rows: &[usize]) -> bool {
-    rows.windows(2).all(|w| w[1] == w[0] + 1)
 }
 
 /// Causal attention of one sequence's `len` new rows at offset `off` for one query head:

@@ -23,12 +23,12 @@ const TASK_ROWS: usize = 64;
 /// Below this many multiply-adds a call runs on the calling thread.
 const PARALLEL_MIN_WORK: usize = 1 << 15;
 
-/// A low-rank term for one input row: `y[j] += Σ_r t[r] bt[r, j]` with `bt: [r, n]` (that is
-/// `B^T`, so that the sum runs along contiguous rows), `t: [r]`.
+/// A low-rank term for one input row `x`: `y[j] += Σ_r t[r] bt[r, j]` with `t = a x`, `a: [r, k]`
+/// and `bt: [r, n]` (that is `B^T`, so that the sum runs along contiguous rows).
 #[derive(Clone, Copy, Debug)]
 pub struct LowRank<'a> {
+    pub a: &'a [f32],
     pub bt: &'a [f32],
-    pub t: &'a [f32],
 }
 
 /// A linear map's weight `[n, k]`: dense row-major f32, or NF4-packed.
@@ -88,11 +88,17 @@ impl LinearJob<'_> {
             );
         }
         for lr in self.low_rank.iter().flatten() {
-            if lr.bt.len() != n * lr.t.len() {
+            if k == 0 || lr.a.len() % k != 0 {
                 candle_core::bail!(
-                    "linear_rows: low-rank bt has {} values, expected {}x{n}",
-                    lr.bt.len(),
-                    lr.t.len()
+                    "linear_rows: low-rank a has {} values, not a multiple of k = {k}",
+                    lr.a.len()
+                );
+            }
+            let r = lr.a.len() / k;
+            if lr.bt.len() != n * r {
+                candle_core::bail!(
+                    "linear_rows: low-rank bt has {} values, expected {r}x{n}",
+                    lr.bt.len()
                 );
             }
         }
@@ -184,25 +190,34 @@ fn linear_rows_with(jobs: &[LinearJob<'_>], isa: Isa) -> Result<Vec<Vec<f32>>> {
 }
 
 /// Adds each row's low-rank term to its output row (`outs[j]`: `[m, n]`, base product and bias
-/// already in): one task per row, which reads that row's `B^T` whole, front to back, one row of
-/// it after the other — a few long memory streams, where a share of the weight rows per task
-/// read 64-column pieces of every adapter's `B^T` at once (32 distinct adapters in a step:
-/// hundreds of short streams). The values are those of the per-column sums either way.
+/// already in): one task per row, which streams that row's `A` (`t = A x`, dot products as
+/// `linear_rows` computes them for any number of rows, so the same `t`) and then its `B^T`
+/// whole, front to back, one row after the other. With one adapter per row (32 distinct in a
+/// step) that is a few long memory streams per task, where splitting `B t` by weight rows read
+/// 64-column pieces of every adapter at once; the values are those of the per-column sums.
 fn add_low_rank(jobs: &[LinearJob<'_>], outs: &mut [Vec<f32>], isa: Isa) {
-    let mut rows: Vec<(&LowRank<'_>, &mut [f32])> = Vec::new();
+    let mut rows: Vec<(&[f32], &LowRank<'_>, &mut [f32])> = Vec::new();
     let mut work = 0;
     for (job, out) in jobs.iter().zip(outs.iter_mut()) {
-        for (lr, row) in job.low_rank.iter().zip(out.chunks_mut(job.n.max(1))) {
+        let rows_of = job.x.chunks(job.k.max(1)).zip(out.chunks_mut(job.n.max(1)));
+        for (lr, (x, y)) in job.low_rank.iter().zip(rows_of) {
             if let Some(lr) = lr {
-                work += lr.bt.len();
-                rows.push((lr, row));
+                work += lr.a.len() + lr.bt.len();
+                rows.push((x, lr, y));
             }
         }
     }
-    let one = |(lr, row): (&LowRank<'_>, &mut [f32])| {
-        let mut acc = vec![0f32; row.len()];
-        low_rank_row(lr.bt, lr.t, &mut acc, isa);
-        for (v, a) in row.iter_mut().zip(&acc) {
+    let one = |(x, lr, y): (&[f32], &LowRank<'_>, &mut [f32])| {
+        let k = x.len();
+        let mut t = vec![0f32; lr.a.len() / k.max(1)];
+        for (c, chunk) in t.chunks_mut(NR_ONE).enumerate() {
+            let nr = chunk.len();
+            let a = &lr.a[c * NR_ONE * k..(c * NR_ONE + nr) * k];
+            chunk.copy_from_slice(&tile_any(x, 1, a, nr, k, &[], isa)[0][..nr]);
+        }
+        let mut acc = vec![0f32; y.len()];
+        low_rank_row(lr.bt, &t, &mut acc, isa);
+        for (v, a) in y.iter_mut().zip(&acc) {
             *v += *a;
         }
     };

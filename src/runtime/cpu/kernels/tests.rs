@@ -86,14 +86,11 @@ fn bias_and_low_rank_match_candle() {
         let a = randn(r * k, 13);
         let b = randn(n * r, 14);
         let bt = transpose(b.clone(), n, r);
-        // t = x A^T for rows 1 and 3 only.
+        // t = x A^T, for rows 1 and 3 only.
         let t = candle_linear(&x, m, k, &a, r);
         let mut low_rank = vec![None; m];
         for i in [1, 3] {
-            low_rank[i] = Some(LowRank {
-                bt: &bt,
-                t: &t[i * r..(i + 1) * r],
-            });
+            low_rank[i] = Some(LowRank { a: &a, bt: &bt });
         }
         let job = LinearJob {
             x: &x,
@@ -145,15 +142,10 @@ fn rows_do_not_depend_on_the_batch_on_any_isa() {
     let x = randn(m * k, 12);
     let bias = randn(n, 13);
     let bt = randn(r * n, 14);
-    let t = randn(m * r, 15);
+    let a = randn(r * k, 15);
     let low_rank = |rows: std::ops::Range<usize>| -> Vec<Option<LowRank<'_>>> {
-        rows.map(|i| {
-            (i % 3 == 1).then(|| LowRank {
-                bt: &bt,
-                t: &t[i * r..(i + 1) * r],
-            })
-        })
-        .collect()
+        rows.map(|i| (i % 3 == 1).then_some(LowRank { a: &a, bt: &bt }))
+            .collect()
     };
     let job = |i0: usize, rows: usize| LinearJob {
         x: &x[i0 * k..(i0 + rows) * k],
@@ -176,6 +168,7 @@ fn rows_do_not_depend_on_the_batch_on_any_isa() {
     // And against candle on the many-row path.
     let got = linear_rows(&[job(0, m)]).unwrap().remove(0);
     let mut want = candle_linear(&x, m, k, &w, n);
+    let t = candle_linear(&x, m, k, &a, r);
     let delta = candle_linear(&t, m, r, &bt_as_b(&bt, r, n), n);
     for i in 0..m {
         for j in 0..n {
@@ -268,6 +261,21 @@ fn several_jobs_and_bad_shapes() {
         low_rank: vec![],
     };
     assert!(linear_rows(&[bad]).is_err());
+    // Low-rank factors whose sizes do not fit k (a) or n (bt) are refused, not read past.
+    let (a, bt) = (randn(3 * k + 1, 5), randn(3 * 10, 6));
+    let (a_ok, bt_short) = (randn(3 * k, 7), randn(3 * 10 - 1, 8));
+    for (a, bt) in [(&a, &bt), (&a_ok, &bt_short)] {
+        let job = LinearJob {
+            x: &x,
+            m,
+            k,
+            w: JobWeight::F32(&w1),
+            n: 10,
+            bias: None,
+            low_rank: vec![Some(LowRank { a, bt }); m],
+        };
+        assert!(linear_rows(&[job]).is_err());
+    }
 }
 
 #[test]
