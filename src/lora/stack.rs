@@ -254,3 +254,62 @@ impl LoraStack {
         Ok(requantized)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::lora::synthetic::synthetic_adapter;
+    use crate::model::dummy;
+
+    fn values(t: &Tensor) -> Vec<f32> {
+        t.flatten_all().unwrap().to_vec1().unwrap()
+    }
+
+    /// On the CPU a stack's pairs are views into its one flat buffer, each where its spans say,
+    /// holding the concatenated `A` and the scaled `B^T` of its members (2 adapters of different
+    /// ranks and targets, weights 0.7 and -0.5).
+    #[test]
+    fn cpu_pairs_live_in_the_flat_buffer() {
+        let cfg = dummy::config("tiny").unwrap();
+        let at = Placement::cpu();
+        let a = Arc::new(synthetic_adapter("a", &cfg, 4, &Proj::ALL, 0.3, &at).unwrap());
+        let b = Arc::new(synthetic_adapter("b", &cfg, 8, &[Proj::Q, Proj::V], 0.3, &at).unwrap());
+        let layers = cfg.num_hidden_layers;
+        let stack = LoraStack::new(vec![(a.clone(), 0.7), (b.clone(), -0.5)], layers).unwrap();
+        let flat = values(stack.flat().expect("a CPU f32 stack has a flat buffer"));
+        let mut covered = 0;
+        for l in 0..layers {
+            for p in Proj::ALL {
+                let Some(pair) = stack.pair(l, p) else {
+                    continue;
+                };
+                let spans = pair.flat.as_ref().expect("spans of a CPU pair");
+                assert_eq!(values(&pair.a), flat[spans.a.clone()]);
+                assert_eq!(values(&pair.bt), flat[spans.bt.clone()]);
+                assert!(pair.a.is_contiguous() && pair.bt.is_contiguous());
+                covered += spans.a.len() + spans.bt.len();
+                // The members' own factors, in order along the rank.
+                let members: Vec<(&LoraAdapter, f64)> = [(&*a, 0.7), (&*b, -0.5)]
+                    .into_iter()
+                    .filter(|(m, _)| m.modules.contains_key(&(l, p)))
+                    .collect();
+                let want_a: Vec<f32> = members
+                    .iter()
+                    .flat_map(|(m, _)| values(&m.modules[&(l, p)].a))
+                    .collect();
+                assert_eq!(values(&pair.a), want_a);
+                let want_bt: Vec<f32> = members
+                    .iter()
+                    .flat_map(|(m, w)| {
+                        let module = &m.modules[&(l, p)];
+                        let scaled = (&module.b * (w * module.scaling)).unwrap();
+                        values(&scaled.t().unwrap().contiguous().unwrap())
+                    })
+                    .collect();
+                assert_eq!(values(&pair.bt), want_bt);
+                assert_eq!(values(&pair.b.t().unwrap()), want_bt);
+            }
+        }
+        assert_eq!(covered, flat.len());
+    }
+}
