@@ -19,7 +19,7 @@
 //! and CPUs without AVX2 take the exact f32 kernel (`kernels::fused_rows`).
 
 use super::int16::{Chunk, CODE_SCALE};
-use super::kernels::{fused_rows, simd_available};
+use super::kernels::{fused_rows, simd_available, vnni_available};
 use super::nf4::{Absmax, Nf4Packed};
 
 /// Features per int16 quantization group (one `x` scale), and weights per int32 accumulation.
@@ -107,6 +107,8 @@ pub struct Nf4Input {
     cols: usize,
     /// The integer kernel's form, when this CPU and these values allow it.
     q: Option<Quantized>,
+    /// Whether the integer kernel may use AVX-512 VNNI (same results, fewer instructions).
+    vnni: bool,
 }
 
 impl Nf4Input {
@@ -121,7 +123,15 @@ impl Nf4Input {
             n,
             cols,
             q,
+            vnni: vnni_available(),
         }
+    }
+
+    /// With `false`, the integer kernel keeps to AVX2 even where the CPU has AVX-512 VNNI (to
+    /// compare the two, or under a cap on the instruction set); `true` changes nothing.
+    pub fn with_vnni(mut self, allowed: bool) -> Self {
+        self.vnni &= allowed;
+        self
     }
 
     pub fn rows(&self) -> usize {
@@ -219,7 +229,7 @@ pub fn dot_rows_into(
         if bs.is_multiple_of(32)
             && w.cols.is_multiple_of(bs)
             && simd_available()
-            && int_rows(w, r0, r1, q, n, out, stride)
+            && int_rows(w, r0, r1, q, n, out, stride, input.vnni)
         {
             return Ok(());
         }
@@ -242,6 +252,7 @@ pub fn dot_rows_into(
 /// block (the values [`Nf4Packed::scales_into`] gives, at a fraction of its cost); other block
 /// sizes get a per-unit copy.
 #[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
 fn int_rows(
     w: &Nf4Packed,
     r0: usize,
@@ -250,6 +261,7 @@ fn int_rows(
     n: usize,
     out: &mut [f32],
     stride: usize,
+    vnni: bool,
 ) -> bool {
     use super::simd_int::Scales;
     let (cols, bs) = (w.cols, w.blocksize);
@@ -313,6 +325,7 @@ fn int_rows(
                 out: &mut dst[g0..],
                 stride,
                 split,
+                vnni,
             };
             let done = match g {
                 1 => args.run::<1>(),
@@ -351,13 +364,15 @@ struct IntArgs<'a> {
     out: &'a mut [f32],
     stride: usize,
     split: bool,
+    /// Take `dot_rows_vnni` (AVX-512 VNNI was detected).
+    vnni: bool,
 }
 
 #[cfg(target_arch = "x86_64")]
 impl IntArgs<'_> {
     /// Runs the kernel, or returns false when the arguments fail its contract.
     fn run<const G: usize>(self) -> bool {
-        use super::simd_int::{dot_rows, Scales};
+        use super::simd_int::{dot_rows, dot_rows_vnni, Scales};
         let Self {
             packed,
             cols,
@@ -367,6 +382,7 @@ impl IntArgs<'_> {
             out,
             stride,
             split,
+            vnni,
         } = self;
         let units = cols.div_ceil(UNIT);
         let rows = packed.len() * 2 / cols.max(1);
@@ -386,6 +402,7 @@ impl IntArgs<'_> {
             }
         };
         let ok = simd_available()
+            && (!vnni || vnni_available())
             && cols > 0
             && cols.is_multiple_of(32)
             && (split || cols.is_multiple_of(UNIT))
@@ -403,11 +420,16 @@ impl IntArgs<'_> {
         let nested = matches!(scales, Scales::Nested { .. });
         macro_rules! call {
             ($r:literal, $s:literal, $n:literal) => {
-                dot_rows::<G, $r, $s, $n>(packed, cols, scales, x, xs, out, stride)
+                match vnni {
+                    true => {
+                        dot_rows_vnni::<G, $r, $s, $n>(packed, cols, scales, x, xs, out, stride)
+                    }
+                    false => dot_rows::<G, $r, $s, $n>(packed, cols, scales, x, xs, out, stride),
+                }
             };
         }
-        // SAFETY: AVX2 and FMA were detected, and every condition of `dot_rows`' contract was
-        // checked just above.
+        // SAFETY: AVX2 and FMA were detected (and AVX-512 VNNI for `dot_rows_vnni`), and every
+        // condition of `dot_rows`' contract was checked just above.
         unsafe {
             // One input row: two weight rows at a time (their input loads shared) are about 10%
             // faster; with more input rows one at a time is (fewer live registers).

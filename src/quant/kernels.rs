@@ -44,6 +44,21 @@ pub enum KernelPath {
     TiledScalar,
 }
 
+/// Whether this CPU runs the AVX-512 VNNI form of the NF4 integer kernel (`vpdpwssd`).
+pub fn vnni_available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        simd_available()
+            && is_x86_feature_detected!("avx512f")
+            && is_x86_feature_detected!("avx512vl")
+            && is_x86_feature_detected!("avx512vnni")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
 /// Whether this CPU runs the AVX2+FMA kernels.
 pub fn simd_available() -> bool {
     #[cfg(target_arch = "x86_64")]

@@ -133,6 +133,29 @@ unsafe fn unit_sum(w: &[__m256i; 4], x: *const Chunk) -> __m256i {
     )
 }
 
+/// `unit_sum` with AVX-512 VNNI: `vpdpwssd` adds each pair of int16 products into the int32
+/// lanes in one instruction; the same integers (no sum can overflow, see the module doc).
+///
+/// # Safety
+/// AVX2, AVX-512VL and AVX-512 VNNI available; `x` points at 4 readable chunks.
+#[inline]
+#[target_feature(enable = "avx2,fma,avx512f,avx512vl,avx512vnni")]
+unsafe fn unit_sum_vnni(w: &[__m256i; 4], x: *const Chunk) -> __m256i {
+    // SAFETY: the caller guarantees four chunks at `x`; `Chunk` is 32-byte aligned.
+    let p = unsafe {
+        [
+            _mm256_load_si256(x.cast()),
+            _mm256_load_si256(x.add(1).cast()),
+            _mm256_load_si256(x.add(2).cast()),
+            _mm256_load_si256(x.add(3).cast()),
+        ]
+    };
+    let s = _mm256_dpwssd_epi32(_mm256_setzero_si256(), w[0], p[0]);
+    let s = _mm256_dpwssd_epi32(s, w[1], p[1]);
+    let s = _mm256_dpwssd_epi32(s, w[2], p[2]);
+    _mm256_dpwssd_epi32(s, w[3], p[3])
+}
+
 /// Where the kernel finds each unit's weight scale.
 #[derive(Copy, Clone)]
 pub(crate) enum Scales<'a> {
@@ -151,142 +174,167 @@ pub(crate) enum Scales<'a> {
     },
 }
 
-/// `out[r * stride + g] = row_r . x_g` for the packed rows in `packed` (`cols / 2` bytes each)
-/// and `G` prepared input rows, `R` weight rows at a time (sharing the input loads). `x` holds
-/// `G` rows of `units = cols.div_ceil(64)` units (4 chunks each), `xs` their `G * units` scales
-/// (`max|x| / (16383 * CODE_SCALE)` per unit). `SPLIT` is the 32-weight block layout: two scales
-/// a unit, and when `cols % 64 == 32` a last unit of 32 weights whose second half of `x` is
-/// zeros. `NESTED` says which [`Scales`] variant `scales` is.
-///
-/// # Safety
-/// AVX2+FMA available; `cols > 0` and `cols % 32 == 0`, and `cols % 64 == 0` unless `SPLIT`;
-/// `packed.len() * 2 == rows * cols` for some `rows`; `x.len() >= G * units * 4`;
-/// `xs.len() >= G * units`; `stride >= G` and `out.len() >= (rows - 1) * stride + G` when
-/// `rows > 0`. `NESTED` iff `scales` is `Nested`, and then `!SPLIT`, `codes.len() == rows * units`
-/// and `luts` holds `256 * (((first + rows * units - 1) >> shift) - (first >> shift) + 1)`
-/// values; else `Dense` with `rows * units` values (`2 * rows * units` with `SPLIT`).
-#[allow(clippy::too_many_arguments)]
-#[target_feature(enable = "avx2,fma")]
-pub(crate) unsafe fn dot_rows<
-    const G: usize,
-    const R: usize,
-    const SPLIT: bool,
-    const NESTED: bool,
->(
-    packed: &[u8],
-    cols: usize,
-    scales: Scales<'_>,
-    x: &[Chunk],
-    xs: &[f32],
-    out: &mut [f32],
-    stride: usize,
-) {
-    let t = Tables::new();
-    let units = cols.div_ceil(UNIT);
-    let full = cols / UNIT;
-    let per_row = if SPLIT { 2 * units } else { units };
-    let rows = packed.len() * 2 / cols;
-    let (dense, codes, luts, first, shift): (&[f32], &[u8], &[f32], usize, u32) = match scales {
-        Scales::Dense(d) => (d, &[], &[], 0, 0),
-        Scales::Nested {
-            codes,
-            luts,
-            first,
-            shift,
-        } => (&[], codes, luts, first, shift),
-    };
-    let run0 = first >> shift;
-    let (xp, xsp) = (x.as_ptr(), xs.as_ptr());
-    let zero = _mm256_setzero_si256();
-    let mut r = 0;
-    while r + R <= rows {
-        let mut row = [packed.as_ptr(); R];
-        for (i, p) in row.iter_mut().enumerate() {
-            *p = packed[(r + i) * cols / 2..].as_ptr();
-        }
-        let mut acc = [[_mm256_setzero_ps(); R]; G];
-        for u in 0..units {
-            // The R rows are contiguous and each unit takes 32 bytes of each, so prefetching
-            // 32 * R bytes a unit, PREFETCH bytes ahead, keeps the stream in flight (it can
-            // point past `packed`: a prefetch never faults).
-            _mm_prefetch::<_MM_HINT_T0>(row[0].wrapping_add(32 * R * u + PREFETCH).cast());
-            let mut w = [[zero; 4]; R];
-            let mut ws = [_mm256_setzero_ps(); R];
-            for i in 0..R {
-                // SAFETY: unit u < full has 32 bytes at row + 32u inside row r + i of `packed`;
-                // a last, half unit (u == full, SPLIT only) has the row's last 16 bytes.
-                let v = unsafe {
-                    match !SPLIT || u < full {
-                        true => _mm256_loadu_si256(row[i].add(32 * u).cast()),
-                        false => _mm256_zextsi128_si256(_mm_loadu_si128(row[i].add(32 * u).cast())),
-                    }
-                };
-                w[i] = t.decode(v);
-                let k = (r + i) * per_row + u;
-                ws[i] = if NESTED {
-                    // SAFETY: k < rows * units == codes.len(), and the table index is inside
-                    // `luts` (caller's contract).
-                    unsafe {
-                        let code = *codes.get_unchecked(k) as usize;
-                        let lut = (((first + k) >> shift) - run0) << 8;
-                        _mm256_broadcast_ss(luts.get_unchecked(lut | code))
-                    }
-                } else if SPLIT {
-                    let (a, b) = (
-                        dense[(r + i) * per_row + 2 * u],
-                        dense[(r + i) * per_row + 2 * u + 1],
-                    );
-                    _mm256_setr_m128(_mm_set1_ps(a), _mm_set1_ps(b))
-                } else {
-                    _mm256_broadcast_ss(&dense[k])
-                };
-            }
-            for (g, ag) in acc.iter_mut().enumerate() {
-                let k = g * units + u;
-                // SAFETY: g < G and u < units, so unit k lies inside `x` and `xs`.
-                let (xk, xsk) = unsafe { (xp.add(4 * k), _mm256_broadcast_ss(&*xsp.add(k))) };
-                for ((a, wi), wsi) in ag.iter_mut().zip(&w).zip(&ws) {
-                    // SAFETY: as above, four chunks at `xk`.
-                    let s = _mm256_cvtepi32_ps(unsafe { unit_sum(wi, xk) });
-                    // (Multiplying the two broadcast scales first would make LLVM multiply
-                    // scalars and broadcast the product: a shuffle-port op per unit.)
-                    *a = _mm256_fmadd_ps(_mm256_mul_ps(s, xsk), *wsi, *a);
-                }
-            }
-        }
-        for (g, ag) in acc.iter().enumerate() {
-            for (i, v) in ag.iter().enumerate() {
-                out[(r + i) * stride + g] = hsum(*v);
-            }
-        }
-        r += R;
-    }
-    if r < rows {
-        // The last rows when R does not divide them.
-        let tail = &packed[r * cols / 2..];
-        let o = &mut out[r * stride..];
-        let rest = match scales {
-            Scales::Dense(d) => Scales::Dense(&d[r * per_row..]),
-            Scales::Nested {
-                codes,
-                luts,
-                first,
-                shift,
-            } => {
-                // Keep the tables' numbering: they start at the first block's nested block.
-                let skip = (((first + r * units) >> shift) - run0) << 8;
+/// Defines the kernel `$name` on the target features `$features`, with `$unit_sum` for a
+/// unit's integer sums: the same code and the same results on two instruction sets.
+macro_rules! dot_rows_kernel {
+    ($(#[$doc:meta])* $name:ident, $features:literal, $unit_sum:ident) => {
+        $(#[$doc])*
+        #[allow(clippy::too_many_arguments)]
+        #[target_feature(enable = $features)]
+        pub(crate) unsafe fn $name<
+            const G: usize,
+            const R: usize,
+            const SPLIT: bool,
+            const NESTED: bool,
+        >(
+            packed: &[u8],
+            cols: usize,
+            scales: Scales<'_>,
+            x: &[Chunk],
+            xs: &[f32],
+            out: &mut [f32],
+            stride: usize,
+        ) {
+            let t = Tables::new();
+            let units = cols.div_ceil(UNIT);
+            let full = cols / UNIT;
+            let per_row = if SPLIT { 2 * units } else { units };
+            let rows = packed.len() * 2 / cols;
+            let (dense, codes, luts, first, shift): (&[f32], &[u8], &[f32], usize, u32) = match scales {
+                Scales::Dense(d) => (d, &[], &[], 0, 0),
                 Scales::Nested {
-                    codes: &codes[r * units..],
-                    luts: &luts[skip..],
-                    first: first + r * units,
+                    codes,
+                    luts,
+                    first,
                     shift,
+                } => (&[], codes, luts, first, shift),
+            };
+            let run0 = first >> shift;
+            let (xp, xsp) = (x.as_ptr(), xs.as_ptr());
+            let zero = _mm256_setzero_si256();
+            let mut r = 0;
+            while r + R <= rows {
+                let mut row = [packed.as_ptr(); R];
+                for (i, p) in row.iter_mut().enumerate() {
+                    *p = packed[(r + i) * cols / 2..].as_ptr();
                 }
+                let mut acc = [[_mm256_setzero_ps(); R]; G];
+                for u in 0..units {
+                    // The R rows are contiguous and each unit takes 32 bytes of each, so prefetching
+                    // 32 * R bytes a unit, PREFETCH bytes ahead, keeps the stream in flight (it can
+                    // point past `packed`: a prefetch never faults).
+                    _mm_prefetch::<_MM_HINT_T0>(row[0].wrapping_add(32 * R * u + PREFETCH).cast());
+                    let mut w = [[zero; 4]; R];
+                    let mut ws = [_mm256_setzero_ps(); R];
+                    for i in 0..R {
+                        // SAFETY: unit u < full has 32 bytes at row + 32u inside row r + i of `packed`;
+                        // a last, half unit (u == full, SPLIT only) has the row's last 16 bytes.
+                        let v = unsafe {
+                            match !SPLIT || u < full {
+                                true => _mm256_loadu_si256(row[i].add(32 * u).cast()),
+                                false => _mm256_zextsi128_si256(_mm_loadu_si128(row[i].add(32 * u).cast())),
+                            }
+                        };
+                        w[i] = t.decode(v);
+                        let k = (r + i) * per_row + u;
+                        ws[i] = if NESTED {
+                            // SAFETY: k < rows * units == codes.len(), and the table index is inside
+                            // `luts` (caller's contract).
+                            unsafe {
+                                let code = *codes.get_unchecked(k) as usize;
+                                let lut = (((first + k) >> shift) - run0) << 8;
+                                _mm256_broadcast_ss(luts.get_unchecked(lut | code))
+                            }
+                        } else if SPLIT {
+                            let (a, b) = (
+                                dense[(r + i) * per_row + 2 * u],
+                                dense[(r + i) * per_row + 2 * u + 1],
+                            );
+                            _mm256_setr_m128(_mm_set1_ps(a), _mm_set1_ps(b))
+                        } else {
+                            _mm256_broadcast_ss(&dense[k])
+                        };
+                    }
+                    for (g, ag) in acc.iter_mut().enumerate() {
+                        let k = g * units + u;
+                        // SAFETY: g < G and u < units, so unit k lies inside `x` and `xs`.
+                        let (xk, xsk) = unsafe { (xp.add(4 * k), _mm256_broadcast_ss(&*xsp.add(k))) };
+                        for ((a, wi), wsi) in ag.iter_mut().zip(&w).zip(&ws) {
+                            // SAFETY: as above, four chunks at `xk`.
+                            let s = _mm256_cvtepi32_ps(unsafe { $unit_sum(wi, xk) });
+                            // (Multiplying the two broadcast scales first would make LLVM multiply
+                            // scalars and broadcast the product: a shuffle-port op per unit.)
+                            *a = _mm256_fmadd_ps(_mm256_mul_ps(s, xsk), *wsi, *a);
+                        }
+                    }
+                }
+                for (g, ag) in acc.iter().enumerate() {
+                    for (i, v) in ag.iter().enumerate() {
+                        out[(r + i) * stride + g] = hsum(*v);
+                    }
+                }
+                r += R;
             }
-        };
-        // SAFETY: the same contract, for the remaining rows.
-        unsafe { dot_rows::<G, 1, SPLIT, NESTED>(tail, cols, rest, x, xs, o, stride) };
-    }
+            if r < rows {
+                // The last rows when R does not divide them.
+                let tail = &packed[r * cols / 2..];
+                let o = &mut out[r * stride..];
+                let rest = match scales {
+                    Scales::Dense(d) => Scales::Dense(&d[r * per_row..]),
+                    Scales::Nested {
+                        codes,
+                        luts,
+                        first,
+                        shift,
+                    } => {
+                        // Keep the tables' numbering: they start at the first block's nested block.
+                        let skip = (((first + r * units) >> shift) - run0) << 8;
+                        Scales::Nested {
+                            codes: &codes[r * units..],
+                            luts: &luts[skip..],
+                            first: first + r * units,
+                            shift,
+                        }
+                    }
+                };
+                // SAFETY: the same contract, for the remaining rows.
+                unsafe { $name::<G, 1, SPLIT, NESTED>(tail, cols, rest, x, xs, o, stride) };
+            }
+        }
+    };
 }
+
+dot_rows_kernel!(
+    /// `out[r * stride + g] = row_r . x_g` for the packed rows in `packed` (`cols / 2` bytes each)
+    /// and `G` prepared input rows, `R` weight rows at a time (sharing the input loads). `x` holds
+    /// `G` rows of `units = cols.div_ceil(64)` units (4 chunks each), `xs` their `G * units` scales
+    /// (`max|x| / (16383 * CODE_SCALE)` per unit). `SPLIT` is the 32-weight block layout: two scales
+    /// a unit, and when `cols % 64 == 32` a last unit of 32 weights whose second half of `x` is
+    /// zeros. `NESTED` says which [`Scales`] variant `scales` is.
+    ///
+    /// # Safety
+    /// AVX2+FMA available; `cols > 0` and `cols % 32 == 0`, and `cols % 64 == 0` unless `SPLIT`;
+    /// `packed.len() * 2 == rows * cols` for some `rows`; `x.len() >= G * units * 4`;
+    /// `xs.len() >= G * units`; `stride >= G` and `out.len() >= (rows - 1) * stride + G` when
+    /// `rows > 0`. `NESTED` iff `scales` is `Nested`, and then `!SPLIT`, `codes.len() == rows * units`
+    /// and `luts` holds `256 * (((first + rows * units - 1) >> shift) - (first >> shift) + 1)`
+    /// values; else `Dense` with `rows * units` values (`2 * rows * units` with `SPLIT`).
+    dot_rows,
+    "avx2,fma",
+    unit_sum
+);
+
+dot_rows_kernel!(
+    /// `dot_rows` with AVX-512 VNNI: `vpdpwssd` multiplies and adds into the int32 sums in one
+    /// instruction (`unit_sum_vnni`), the rest as `dot_rows`. Integer sums do not depend on
+    /// their order, so the results are bit-identical to `dot_rows`'.
+    ///
+    /// # Safety
+    /// As `dot_rows`, and AVX-512F, AVX-512VL and AVX-512 VNNI available.
+    dot_rows_vnni,
+    "avx2,fma,avx512f,avx512vl,avx512vnni",
+    unit_sum_vnni
+);
 
 /// `max(bits(|v|))` over `group` (at most 64 values, a multiple of 8): the bit pattern of
 /// max |v| for finite values; at least `0x7f80_0000` when some value is infinite or NaN.

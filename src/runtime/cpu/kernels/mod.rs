@@ -132,7 +132,8 @@ fn linear_rows_with(jobs: &[LinearJob<'_>], isa: Isa) -> Result<Vec<Vec<f32>>> {
                 {
                     Some(i) => i,
                     None => {
-                        prepared.push((j.x, j.m, Nf4Input::new(j.x, j.m, j.k)));
+                        let input = Nf4Input::new(j.x, j.m, j.k).with_vnni(isa >= Isa::Avx512);
+                        prepared.push((j.x, j.m, input));
                         prepared.len() - 1
                     }
                 },
