@@ -368,6 +368,11 @@ fn decode_rows(runs: usize, blocks: usize) -> anyhow::Result<()> {
             .iter()
             .map(|c| Nf4Input::new(pick(*c), n, *c))
             .collect();
+        // The same prepared inputs kept to the AVX2 form of the kernel (where the CPU has AVX-512
+        // VNNI, the default takes it: same bits, fewer instructions).
+        let mut out2 = vec![0f32; 1536 * n];
+        let avx2_inputs: Vec<Nf4Input> =
+            inputs.iter().map(|i| i.clone().with_vnni(false)).collect();
         let parts = time_all(
             runs,
             &mut [
@@ -382,6 +387,13 @@ fn decode_rows(runs: usize, blocks: usize) -> anyhow::Result<()> {
                         let w = l.nf4.weight();
                         let input = &inputs[usize::from(w.cols != 576)];
                         dot_rows_into(w, 0, w.rows, input, &mut out, n).unwrap();
+                    }
+                },
+                &mut || {
+                    for l in &model {
+                        let w = l.nf4.weight();
+                        let input = &avx2_inputs[usize::from(w.cols != 576)];
+                        dot_rows_into(w, 0, w.rows, input, &mut out2, n).unwrap();
                     }
                 },
             ],
@@ -402,10 +414,13 @@ fn decode_rows(runs: usize, blocks: usize) -> anyhow::Result<()> {
             t[2] / t[3]
         );
         println!(
-            "{:>4} new path split: prepare {:.3} ms, kernel {}",
+            "{:>4} new path split: prepare {:.3} ms, kernel {} (VNNI: {}; AVX2 only {}, {:.2}x)",
             "",
             parts[0] * 1e3,
-            cell(parts[1])
+            cell(parts[1]),
+            loraplex::quant::kernels::vnni_available(),
+            cell(parts[2]),
+            parts[2] / parts[1]
         );
     }
     Ok(())

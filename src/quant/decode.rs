@@ -418,6 +418,9 @@ impl IntArgs<'_> {
             return false;
         }
         let nested = matches!(scales, Scales::Nested { .. });
+        // One input row leaves VNNI's dependent chain of 4 multiply-adds per unit exposed (3-4%
+        // slower there in `benches/nf4.rs`); with more, it saves 2-10%.
+        let vnni = vnni && G > 1;
         macro_rules! call {
             ($r:literal, $s:literal, $n:literal) => {
                 match vnni {
