@@ -101,9 +101,9 @@ pub struct LoraStack {
     /// Indexed `[layer][proj.index()]`.
     layers: Vec<[Option<LoraPair>; 7]>,
     /// On the CPU in f32: every pair's `a` and `bt` in one 1-D buffer, layer by layer (each pair
-    /// a view into it), so the CPU slice kernels take one read lock per stack and step instead
-    /// of two per pair and layer (with 32 adapters in a step, ~13,000 of them, each a few cache
-    /// misses on tensor metadata).
+    /// a view into it), so the CPU fast path takes one read lock per stack and forward call
+    /// instead of two per pair and layer (with 32 r16 all-linear adapters in a step, ~13,000 of
+    /// them, each a few cache misses on tensor metadata).
     flat: Option<Tensor>,
 }
 
