@@ -111,6 +111,24 @@ impl Tables {
     }
 }
 
+/// A unit's four chunks of int16 inputs.
+///
+/// # Safety
+/// AVX2 available; `x` points at 4 readable chunks.
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn load_chunks(x: *const Chunk) -> [__m256i; 4] {
+    // SAFETY: the caller guarantees four chunks at `x`; `Chunk` is 32-byte aligned.
+    unsafe {
+        [
+            _mm256_load_si256(x.cast()),
+            _mm256_load_si256(x.add(1).cast()),
+            _mm256_load_si256(x.add(2).cast()),
+            _mm256_load_si256(x.add(3).cast()),
+        ]
+    }
+}
+
 /// The int32 sums of one unit's products: `x` points at its four chunks (8 products a lane).
 ///
 /// # Safety
@@ -118,15 +136,8 @@ impl Tables {
 #[inline]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn unit_sum(w: &[__m256i; 4], x: *const Chunk) -> __m256i {
-    // SAFETY: the caller guarantees four chunks at `x`; `Chunk` is 32-byte aligned.
-    let p = unsafe {
-        [
-            _mm256_load_si256(x.cast()),
-            _mm256_load_si256(x.add(1).cast()),
-            _mm256_load_si256(x.add(2).cast()),
-            _mm256_load_si256(x.add(3).cast()),
-        ]
-    };
+    // SAFETY: the caller guarantees four chunks at `x`.
+    let p = unsafe { load_chunks(x) };
     _mm256_add_epi32(
         _mm256_add_epi32(_mm256_madd_epi16(w[0], p[0]), _mm256_madd_epi16(w[1], p[1])),
         _mm256_add_epi32(_mm256_madd_epi16(w[2], p[2]), _mm256_madd_epi16(w[3], p[3])),
@@ -141,15 +152,8 @@ unsafe fn unit_sum(w: &[__m256i; 4], x: *const Chunk) -> __m256i {
 #[inline]
 #[target_feature(enable = "avx2,fma,avx512f,avx512vl,avx512vnni")]
 unsafe fn unit_sum_vnni(w: &[__m256i; 4], x: *const Chunk) -> __m256i {
-    // SAFETY: the caller guarantees four chunks at `x`; `Chunk` is 32-byte aligned.
-    let p = unsafe {
-        [
-            _mm256_load_si256(x.cast()),
-            _mm256_load_si256(x.add(1).cast()),
-            _mm256_load_si256(x.add(2).cast()),
-            _mm256_load_si256(x.add(3).cast()),
-        ]
-    };
+    // SAFETY: the caller guarantees four chunks at `x`.
+    let p = unsafe { load_chunks(x) };
     let s = _mm256_dpwssd_epi32(_mm256_setzero_si256(), w[0], p[0]);
     let s = _mm256_dpwssd_epi32(s, w[1], p[1]);
     let s = _mm256_dpwssd_epi32(s, w[2], p[2]);
