@@ -155,12 +155,8 @@ fn linear_rows_with(jobs: &[LinearJob<'_>], isa: Isa) -> Result<Vec<Vec<f32>>> {
             }
             continue;
         }
-        // A small job (a LoRA `A`, 8-64 rows) alone still splits in two, to spread over two
-        // threads; among many (one per adapter in the step) each stays whole: one stream.
-        let rows = match jobs.len() >= 2 * rayon::current_num_threads() {
-            true => TASK_ROWS,
-            false => TASK_ROWS.min(job.n.div_ceil(2).next_multiple_of(NR_ONE)),
-        };
+        // Small jobs (8-64 weight rows) still split in two, to spread over two threads.
+        let rows = TASK_ROWS.min(job.n.div_ceil(2).next_multiple_of(NR_ONE));
         for (c, chunk) in out.chunks_mut(rows * job.m).enumerate() {
             tasks.push(Task::WeightRows(ji, c * rows, chunk));
         }
