@@ -1,8 +1,8 @@
 //! The low-rank (LoRA) pass of `linear_rows`: after the base product and bias, each row with a
-//! term gets one task that computes `t = A x` (the dot products of `tile_any`, the same values
+//! term gets one task that computes `t = A x` (the dot products of `matvec_with`, the same values
 //! as for any number of rows) and adds `B t`, reading `A` and then `B^T` whole, front to back.
 
-use super::{tile_any, Isa, LinearJob, LowRank, NR_ONE, PARALLEL_MIN_WORK};
+use super::{matvec_with, Isa, LinearJob, LowRank, PARALLEL_MIN_WORK};
 use rayon::prelude::*;
 
 /// Adds each row's low-rank term to its output row (`outs[j]`: `[m, n]`, base product and bias
@@ -26,11 +26,7 @@ pub(super) fn add_low_rank(jobs: &[LinearJob<'_>], outs: &mut [Vec<f32>], isa: I
     let one = |(x, lr, y): (&[f32], &LowRank<'_>, &mut [f32])| {
         let k = x.len();
         let mut t = vec![0f32; lr.a.len() / k.max(1)];
-        for (c, chunk) in t.chunks_mut(NR_ONE).enumerate() {
-            let nr = chunk.len();
-            let a = &lr.a[c * NR_ONE * k..(c * NR_ONE + nr) * k];
-            chunk.copy_from_slice(&tile_any(x, 1, a, nr, k, &[], isa)[0][..nr]);
-        }
+        matvec_with(x, lr.a, k, &mut t, isa);
         let mut acc = vec![0f32; y.len()];
         low_rank_row(lr.bt, &t, &mut acc, isa);
         for (v, a) in y.iter_mut().zip(&acc) {

@@ -532,7 +532,12 @@ pub fn matvec_into(x: &[f32], w: &[f32], k: usize, out: &mut [f32]) -> Result<()
             out.len()
         );
     }
-    let isa = isa();
+    matvec_with(x, w, k, out, isa());
+    Ok(())
+}
+
+/// `matvec_into` on a given instruction set, sizes already checked (`x: [k]`, `w: [out.len(), k]`).
+fn matvec_with(x: &[f32], w: &[f32], k: usize, out: &mut [f32], isa: Isa) {
     for (j, chunk) in out.chunks_mut(NR_ONE).enumerate() {
         let nr = chunk.len();
         let tile = tile_any(
@@ -546,7 +551,6 @@ pub fn matvec_into(x: &[f32], w: &[f32], k: usize, out: &mut [f32]) -> Result<()
         );
         chunk.copy_from_slice(&tile[0][..nr]);
     }
-    Ok(())
 }
 
 /// `out[c] = Σ_j weights[j] rows[j * stride + c]`: a weighted sum of rows `stride` apart (the
