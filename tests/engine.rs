@@ -1,6 +1,7 @@
 //! The engine through its public handle on the tiny model: a sequence whose forward fails is
 //! retired alone while its batch-mates finish exactly as they would alone, the KV budget
-//! refuses a request that could never fit, and a cancelled sequence leaves the gauges at zero.
+//! refuses a request that could never fit, sequences preempted when KV blocks run out finish as
+//! they would alone, and a cancelled sequence leaves the gauges at zero.
 
 mod common;
 
@@ -18,13 +19,16 @@ fn engine(kv_budget_bytes: Option<usize>) -> EngineHandle {
 }
 
 fn engine_with_metrics(kv_budget_bytes: Option<usize>) -> (EngineHandle, Arc<EngineMetrics>) {
+    engine_with_config(EngineConfig {
+        kv_budget_bytes,
+        ..EngineConfig::default()
+    })
+}
+
+fn engine_with_config(cfg: EngineConfig) -> (EngineHandle, Arc<EngineMetrics>) {
     let m = Arc::new(model::load_path(&tiny_model(), &Device::Cpu).unwrap());
     let registry = prometheus::Registry::new();
     let metrics = Arc::new(EngineMetrics::new(&registry).unwrap());
-    let cfg = EngineConfig {
-        kv_budget_bytes,
-        ..EngineConfig::default()
-    };
     (EngineHandle::start(m, cfg, metrics.clone()), metrics)
 }
 
@@ -107,14 +111,20 @@ fn a_failing_sequence_fails_alone_and_its_batch_mates_decode_as_alone() {
 #[test]
 fn the_kv_budget_refuses_what_can_never_fit_and_queues_the_rest() {
     // The tiny model's KV takes 2 layers x 2 kv heads x 16 dims x 2 (k, v) x 4 bytes = 512
-    // bytes a position; 40 positions fit.
-    let e = engine(Some(40 * 512));
-    match e.submit(request(vec![1, 2, 3], 38)) {
+    // bytes a position; 50 positions' bytes hold 3 blocks of 16 positions.
+    let e = engine(Some(50 * 512));
+    match e.submit(request(vec![1, 2, 3], 46)) {
         Err(SubmitError::KvTooLarge { need, budget }) => {
-            assert_eq!((need, budget), (41 * 512, 40 * 512))
+            assert_eq!((need, budget), (49 * 512, 48 * 512))
         }
         other => panic!("expected KvTooLarge, got {:?}", other.map(|_| ())),
     }
+    assert_eq!(
+        collect(e.submit(request(vec![1, 2, 3], 45)).unwrap())
+            .unwrap()
+            .len(),
+        45
+    );
     // Three requests of 20 positions each: at most two run at once, all finish.
     let rxs: Vec<_> = (0..3)
         .map(|i| e.submit(request(vec![1, 2, 3 + i], 17)).unwrap())
@@ -212,4 +222,72 @@ fn prompt_logprobs_match_a_full_forward_across_chunks_and_batch_mates() {
     assert_eq!((ids.len(), n), (0, 0));
     assert_eq!(again.unwrap(), got);
     assert_eq!(collect(mate).unwrap().len(), 60);
+}
+
+/// Three sequences of 45 positions (3 blocks each) in a pool of 4 blocks: all are admitted (a
+/// 5-token prompt takes one block, where reserving prompt plus max_tokens admitted one at a
+/// time), so as they grow the pool runs dry and the newest are preempted, again and again, and
+/// recomputed from their history. Each finishes with exactly
+/// the tokens it generates alone, greedy or sampled, whether its history comes back through
+/// the prefix cache or a full prefill.
+#[test]
+fn sequences_preempted_when_kv_blocks_run_out_finish_as_alone() {
+    let prompts = [
+        vec![5u32, 9, 17, 3, 8],
+        vec![7u32, 7, 2, 40, 41],
+        vec![1u32, 2, 3, 4, 5],
+    ];
+    let sampled = |p: &Vec<u32>, i: usize| {
+        let mut r = request(p.clone(), 40);
+        r.params.sampling.temperature = 0.9;
+        r.params.sampling.seed = 11 + i as u64;
+        r
+    };
+    let reqs = |prompts: &[Vec<u32>]| -> Vec<EngineRequest> {
+        prompts
+            .iter()
+            .enumerate()
+            .flat_map(|(i, p)| [request(p.clone(), 40), sampled(p, i)])
+            .collect()
+    };
+    let unlimited = engine(None);
+    let alone: Vec<Vec<u32>> = reqs(&prompts)
+        .into_iter()
+        .map(|r| collect(unlimited.submit(r).unwrap()).unwrap())
+        .collect();
+    for prefix_cache_bytes in [0, 1 << 30] {
+        let (e, metrics) = engine_with_config(EngineConfig {
+            kv_budget_bytes: Some(4 * 16 * 512),
+            prefix_cache_bytes,
+            ..EngineConfig::default()
+        });
+        assert_eq!(metrics.kv_blocks_total.get(), 4);
+        // Greedy and sampled requests in two rounds of three.
+        let all = reqs(&prompts);
+        let (greedy, sampled): (Vec<_>, Vec<_>) =
+            all.into_iter().enumerate().partition(|(i, _)| i % 2 == 0);
+        let mut got = vec![Vec::new(); alone.len()];
+        for round in [greedy, sampled] {
+            let rxs: Vec<_> = round
+                .into_iter()
+                .map(|(i, r)| (i, e.submit(r).unwrap()))
+                .collect();
+            for (i, rx) in rxs {
+                got[i] = collect(rx).unwrap();
+            }
+        }
+        assert_eq!(got, alone, "prefix cache of {prefix_cache_bytes} bytes");
+        assert!(
+            metrics.preemptions.get() >= 2,
+            "{} preemptions",
+            metrics.preemptions.get()
+        );
+        // Every block comes back once the sequences are done.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while metrics.kv_blocks_used.get() != 0 && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        assert_eq!(metrics.kv_blocks_used.get(), 0);
+        assert_eq!(metrics.running.get(), 0);
+    }
 }

@@ -194,7 +194,7 @@ fn sixteen_adapters_a_stack_and_the_base_under_concurrent_load_equal_alone() {
 }
 
 #[test]
-fn kv_budget_makes_requests_wait_and_refuses_one_that_can_never_fit() {
+fn kv_budget_makes_requests_wait_preempts_when_blocks_run_out_and_refuses_what_never_fits() {
     let f = fixture();
     // The tiny model's KV takes 512 bytes a position: ~2 of these requests fit at once.
     let server = f.serve(&["--kv-cache-bytes", "60000"]);
@@ -222,6 +222,27 @@ fn kv_budget_makes_requests_wait_and_refuses_one_that_can_never_fit() {
     );
     assert_eq!(chat(8).0, 200);
     assert!(server.metric("loraplex_device_memory_bytes{kind=\"weights\"}") > 0.0);
+    // 7 blocks of 16 positions; ~20-token prompts take 2 blocks each, so three run at once and
+    // grow to 4: the newest are preempted and recomputed, and each answer is what it is alone.
+    assert_eq!(server.metric("loraplex_kv_blocks_total"), 7.0);
+    let long = |i: usize| {
+        let b = json!({"model": BASE, "max_tokens": 40, "ignore_eos": true, "temperature": 0,
+            "messages": [{"role": "user", "content": format!("tell me about {i}")}]});
+        let (code, body) = server.post("/v1/chat/completions", &b);
+        assert_eq!(code, 200, "{body}");
+        body["choices"][0]["message"]["content"].clone()
+    };
+    let alone: Vec<Value> = (0..4).map(long).collect();
+    let together: Vec<Value> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..4).map(|i| s.spawn(move || long(i))).collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert_eq!(together, alone);
+    assert!(server.metric("loraplex_preemptions_total") > 0.0);
+    assert_eq!(
+        server.metric("vllm:num_preemptions_total"),
+        server.metric("loraplex_preemptions_total")
+    );
 }
 
 #[test]

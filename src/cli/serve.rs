@@ -31,8 +31,9 @@ pub struct ServeArgs {
     /// Dtype of weights, activations and KV cache. Default: auto (bf16 on a GPU, f32 on the CPU)
     #[arg(long, value_enum)]
     pub dtype: Option<DtypeSpec>,
-    /// Byte budget of all running KV caches; requests wait while it is full. Default: 90% of
-    /// free GPU memory after loading on a GPU, unlimited on the CPU
+    /// Byte budget of all running KV caches, as blocks of 16 positions taken as sequences grow
+    /// (requests wait while it is full; the newest sequence is preempted and recomputed when it
+    /// runs dry). Default: 90% of free GPU memory after loading on a GPU, unlimited on the CPU
     #[arg(long)]
     pub kv_cache_bytes: Option<u64>,
     /// Folder of PEFT adapters (each subfolder is one, named by the folder). Default: adapters

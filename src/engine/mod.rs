@@ -6,12 +6,22 @@
 //! sequences still prefilling (bounded per step so running streams keep flowing) and one token for
 //! each decoding sequence, each row group with its own LoRA stack. It samples, streams events back
 //! through each sequence's channel and retires finished sequences.
+//!
+//! With a KV budget, KV memory is a pool of fixed-size blocks (`kv_blocks`): sequences take
+//! blocks as they grow, and when the pool runs dry mid-generation the newest sequence is
+//! preempted (its blocks freed) and later recomputed from its history, instead of anything
+//! failing.
 
+mod admission;
+mod kv_blocks;
+mod metrics;
 mod prefix_cache;
+mod running;
 mod scheduler;
 mod vllm_metrics;
 
-pub use scheduler::EngineMetrics;
+pub use kv_blocks::{KvBlocks, BLOCK_POSITIONS};
+pub use metrics::EngineMetrics;
 
 use crate::generate::{FinishReason, GenerationParams};
 use crate::lora::LoraStack;
@@ -31,9 +41,11 @@ pub struct EngineConfig {
     pub max_waiting: usize,
     /// Most prompt tokens prefilled in one step (over all sequences).
     pub prefill_chunk: usize,
-    /// Byte budget of all running sequences' KV caches (`None`: unlimited). A sequence reserves
-    /// what its prompt plus `max_tokens` can fill when it is admitted; while the budget cannot
-    /// hold the next one, it waits. One that could never fit is refused at submission.
+    /// Byte budget of all running sequences' KV caches (`None`: unlimited), managed as blocks of
+    /// [`BLOCK_POSITIONS`] positions ([`KvBlocks`]). A sequence is admitted when its prompt's
+    /// blocks are free and gains blocks as it grows; when none are left, the newest sequence is
+    /// preempted and recomputed later. One whose prompt plus `max_tokens` could never fit is
+    /// refused at submission.
     pub kv_budget_bytes: Option<usize>,
     /// Byte cap of the prefix cache (0: off): the keys and values of prompts and finished
     /// sequences, reused by later prompts that start the same way under the same adapters.
@@ -102,8 +114,8 @@ pub enum SubmitError {
     #[error("the engine has stopped")]
     Stopped,
     #[error(
-        "the prompt plus max_tokens needs {need} bytes of KV cache, more than the server's whole \
-         KV budget of {budget} bytes; shorten the prompt or lower max_tokens"
+        "the prompt plus max_tokens needs {need} bytes of KV cache, more than the {budget} bytes \
+         of KV blocks the server's whole KV budget holds; shorten the prompt or lower max_tokens"
     )]
     KvTooLarge { need: usize, budget: usize },
 }
@@ -141,6 +153,10 @@ pub struct EngineHandle {
 impl EngineHandle {
     /// Starts the scheduler thread for `model`.
     pub fn start(model: Arc<LoadedModel>, cfg: EngineConfig, metrics: Arc<EngineMetrics>) -> Self {
+        if let Some(b) = cfg.kv_budget_bytes {
+            let pool = KvBlocks::for_budget(b, kv_bytes_per_position(&model));
+            metrics.kv_blocks_total.set(pool.total() as i64);
+        }
         let (tx, rx) = mpsc::channel();
         let waiting = Arc::new(AtomicUsize::new(0));
         let handle = Self {
@@ -169,9 +185,14 @@ impl EngineHandle {
         req: EngineRequest,
     ) -> Result<tmpsc::UnboundedReceiver<EngineEvent>, SubmitError> {
         if let Some(budget) = self.kv_budget_bytes {
-            let need = kv_positions(&self.model, &req) * kv_bytes_per_position(&self.model);
-            if need > budget {
-                return Err(SubmitError::KvTooLarge { need, budget });
+            let per_position = kv_bytes_per_position(&self.model);
+            let positions = kv_positions(&self.model, &req);
+            let pool = KvBlocks::for_budget(budget, per_position).capacity_positions();
+            if positions > pool {
+                return Err(SubmitError::KvTooLarge {
+                    need: positions * per_position,
+                    budget: pool * per_position,
+                });
             }
         }
         let n = self.waiting.fetch_add(1, Ordering::SeqCst);

@@ -1,138 +1,20 @@
 //! The scheduler loop (runs on its own thread): admit, batch, forward, sample, stream, retire.
 
-use super::prefix_cache::{PrefixCache, StackKey};
-use super::vllm_metrics::{VllmMetrics, VllmSnapshot};
-use super::{
-    kv_bytes_per_position, kv_positions, EngineConfig, EngineEvent, PromptLogprob, Submission,
-};
-use crate::generate::SequenceState;
-use crate::model::{KvCache, LoadedModel};
+use super::admission::{admit, plan_with_blocks, release, Blocks};
+use super::kv_blocks::KvBlocks;
+use super::metrics::EngineMetrics;
+use super::prefix_cache::PrefixCache;
+use super::running::Running;
+use super::vllm_metrics::VllmSnapshot;
+use super::{kv_bytes_per_position, EngineConfig, EngineEvent, Submission};
+use crate::model::LoadedModel;
 use crate::runtime::{Backend, LogitsMode, SeqInput};
 use crate::sampling::logprobs;
 use candle_core::Tensor;
-use prometheus::{Histogram, HistogramOpts, IntCounter, IntGauge, Registry};
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::Instant;
-
-/// Scheduler-side metrics (registered in the server's registry).
-pub struct EngineMetrics {
-    pub batch_size: Histogram,
-    pub running: IntGauge,
-    pub waiting: IntGauge,
-    pub queue_wait: Histogram,
-    pub time_to_first_token: Histogram,
-    pub inter_token_latency: Histogram,
-    pub cancelled: IntCounter,
-    pub kv_cache_bytes: IntGauge,
-    /// Sequences whose prefill started after a cached prefix, and the prompt tokens so skipped.
-    pub prefix_cache_hits: IntCounter,
-    pub prefix_cache_reused_tokens: IntCounter,
-    pub prefix_cache_bytes: IntGauge,
-    /// vLLM's gauges for routers (`None`: not exported).
-    pub vllm: Option<VllmMetrics>,
-}
-
-impl EngineMetrics {
-    pub fn new(registry: &Registry) -> prometheus::Result<Self> {
-        let hist = |name: &str, help: &str, buckets: Vec<f64>| -> prometheus::Result<Histogram> {
-            let h = Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets))?;
-            registry.register(Box::new(h.clone()))?;
-            Ok(h)
-        };
-        let gauge = |name: &str, help: &str| -> prometheus::Result<IntGauge> {
-            let g = IntGauge::new(name, help)?;
-            registry.register(Box::new(g.clone()))?;
-            Ok(g)
-        };
-        let secs = prometheus::exponential_buckets(0.001, 2.0, 16)?;
-        let cancelled = IntCounter::new(
-            "loraplex_cancelled_sequences_total",
-            "Sequences stopped because their client disconnected",
-        )?;
-        registry.register(Box::new(cancelled.clone()))?;
-        let counter = |name: &str, help: &str| -> prometheus::Result<IntCounter> {
-            let c = IntCounter::new(name, help)?;
-            registry.register(Box::new(c.clone()))?;
-            Ok(c)
-        };
-        Ok(Self {
-            batch_size: hist(
-                "loraplex_batch_size",
-                "Sequences in each forward step",
-                vec![1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0],
-            )?,
-            running: gauge(
-                "loraplex_running_sequences",
-                "Sequences in the running batch",
-            )?,
-            waiting: gauge(
-                "loraplex_waiting_sequences",
-                "Sequences waiting for a batch slot",
-            )?,
-            queue_wait: hist(
-                "loraplex_queue_wait_seconds",
-                "Time from submission to admission",
-                secs.clone(),
-            )?,
-            time_to_first_token: hist(
-                "loraplex_time_to_first_token_seconds",
-                "Time from submission to the first generated token",
-                secs.clone(),
-            )?,
-            inter_token_latency: hist(
-                "loraplex_inter_token_latency_seconds",
-                "Time between consecutive tokens of a sequence",
-                secs,
-            )?,
-            cancelled,
-            kv_cache_bytes: gauge(
-                "loraplex_kv_cache_bytes",
-                "Bytes held by running sequences' KV caches",
-            )?,
-            prefix_cache_hits: counter(
-                "loraplex_prefix_cache_hits_total",
-                "Sequences whose prefill started after a cached prompt prefix",
-            )?,
-            prefix_cache_reused_tokens: counter(
-                "loraplex_prefix_cache_reused_tokens_total",
-                "Prompt tokens not prefilled because their keys and values were cached",
-            )?,
-            prefix_cache_bytes: gauge(
-                "loraplex_prefix_cache_bytes",
-                "Bytes held by the prefix cache",
-            )?,
-            vllm: None,
-        })
-    }
-
-    /// Also exports vLLM's queue, KV and LoRA gauges (`vllm_metrics`).
-    pub fn with_vllm(mut self, registry: &Registry, max_lora: usize) -> prometheus::Result<Self> {
-        self.vllm = Some(VllmMetrics::new(registry, max_lora)?);
-        Ok(self)
-    }
-}
-
-/// A sequence in the running batch.
-struct Running {
-    sub: Submission,
-    state: SequenceState,
-    cache: KvCache,
-    /// Prompt tokens not yet prefilled.
-    prefilled: usize,
-    /// The token to feed next (after prefill).
-    next: Option<u32>,
-    last_token_at: Option<Instant>,
-    /// KV bytes reserved for this sequence against the engine's budget.
-    kv_reserved: usize,
-    /// Prompt logprobs gathered so far (when the request asked for them).
-    prompt_lp: Vec<PromptLogprob>,
-    /// The identity of its LoRA stack, for the prefix cache.
-    key: StackKey,
-    /// Prompt tokens taken from the prefix cache.
-    cached_tokens: usize,
-}
 
 pub(super) fn run(
     model: Arc<LoadedModel>,
@@ -142,8 +24,13 @@ pub(super) fn run(
     metrics: Arc<EngineMetrics>,
 ) {
     let mut waiting: VecDeque<Submission> = VecDeque::new();
+    // Preempted sequences, oldest first; they return before any new submission.
+    let mut preempted: VecDeque<Running> = VecDeque::new();
     let mut running: Vec<Running> = Vec::new();
     let mut prefixes = PrefixCache::new(cfg.prefix_cache_bytes);
+    let mut pool = cfg
+        .kv_budget_bytes
+        .map(|b| KvBlocks::for_budget(b, kv_bytes_per_position(&model)));
     // The backend is fixed by the model's device; it says how many rows one forward call holds.
     let row_budget = match Backend::of(model.llama.device()) {
         Ok(b) => b.row_budget(),
@@ -154,7 +41,7 @@ pub(super) fn run(
     };
     loop {
         // Block when idle; otherwise take whatever has arrived.
-        if running.is_empty() && waiting.is_empty() {
+        if running.is_empty() && waiting.is_empty() && preempted.is_empty() {
             match rx.recv() {
                 Ok(s) => waiting.push_back(s),
                 Err(_) => return,
@@ -164,8 +51,15 @@ pub(super) fn run(
             waiting.push_back(s);
         }
         // Drop sequences whose client went away (their receiver is gone).
-        let before = running.len();
-        running.retain(|r| !r.sub.events.is_closed());
+        let before = running.len() + preempted.len();
+        running.retain_mut(|r| {
+            let open = !r.sub.events.is_closed();
+            if !open {
+                release(&mut pool, r);
+            }
+            open
+        });
+        preempted.retain(|r| !r.sub.events.is_closed());
         let gone_waiting = waiting.len();
         waiting.retain(|s| !s.events.is_closed());
         let dropped_waiting = gone_waiting - waiting.len();
@@ -174,61 +68,22 @@ pub(super) fn run(
         }
         metrics
             .cancelled
-            .inc_by((before - running.len() + dropped_waiting) as u64);
-        // Admit, in arrival order, while a batch slot and the KV budget allow.
-        let per_position = kv_bytes_per_position(&model);
-        let mut reserved: usize = running.iter().map(|r| r.kv_reserved).sum();
-        while running.len() < cfg.max_batch_size {
-            let Some(front) = waiting.front() else {
-                break;
-            };
-            let positions = kv_positions(&model, &front.req);
-            let need = positions * per_position;
-            if cfg
-                .kv_budget_bytes
-                .is_some_and(|budget| reserved + need > budget)
-            {
-                break;
-            }
-            let Some(sub) = waiting.pop_front() else {
-                break;
-            };
-            reserved += need;
-            waiting_count.fetch_sub(1, Ordering::SeqCst);
-            metrics
-                .queue_wait
-                .observe(sub.submitted.elapsed().as_secs_f64());
-            match SequenceState::new(
-                sub.req.params.clone(),
-                model.eos_ids.clone(),
-                model.tokenizer.as_ref(),
-            ) {
-                Ok(state) => {
-                    let mut r = Running {
-                        state,
-                        // Capped at what the sequence may fill, so its buffers stay within its
-                        // reservation.
-                        cache: KvCache::new(model.llama.cfg.num_hidden_layers, positions),
-                        kv_reserved: need,
-                        prefilled: 0,
-                        next: None,
-                        last_token_at: None,
-                        prompt_lp: Vec::new(),
-                        key: StackKey::of(sub.req.lora.as_ref()),
-                        cached_tokens: 0,
-                        sub,
-                    };
-                    reuse_prefix(&model, &mut prefixes, &mut r, &metrics);
-                    running.push(r);
-                }
-                Err(e) => {
-                    reserved -= need;
-                    let _ = sub.events.send(EngineEvent::Error(format!("{e:#}")));
-                }
-            }
-        }
-        metrics.waiting.set(waiting.len() as i64);
-        publish(&metrics, &cfg, &running, &waiting);
+            .inc_by((before - running.len() - preempted.len() + dropped_waiting) as u64);
+        admit(
+            &model,
+            &mut pool,
+            &mut preempted,
+            &mut waiting,
+            &mut running,
+            &mut prefixes,
+            &cfg,
+            &waiting_count,
+            &metrics,
+        );
+        metrics
+            .waiting
+            .set((waiting.len() + preempted.len()) as i64);
+        publish(&metrics, &cfg, &pool, &running, &waiting, &preempted);
         if running.is_empty() {
             continue;
         }
@@ -237,40 +92,15 @@ pub(super) fn run(
             &cfg,
             row_budget,
             &mut running,
+            &mut Blocks {
+                pool: &mut pool,
+                preempted: &mut preempted,
+            },
             &mut prefixes,
             &metrics,
         );
         metrics.prefix_cache_bytes.set(prefixes.bytes() as i64);
-        publish(&metrics, &cfg, &running, &waiting);
-    }
-}
-
-/// Starts `r`'s prefill after the longest cached prefix of its prompt under its stack (not when
-/// it scores its prompt: every prompt token needs its row then).
-fn reuse_prefix(
-    model: &LoadedModel,
-    prefixes: &mut PrefixCache,
-    r: &mut Running,
-    metrics: &EngineMetrics,
-) {
-    if r.sub.req.prompt_logprobs.is_some() {
-        return;
-    }
-    let Some(hit) = prefixes.lookup(&r.key, &r.sub.req.prompt_ids) else {
-        return;
-    };
-    match hit.load_into(&mut r.cache) {
-        Ok(()) => {
-            r.prefilled = hit.len;
-            r.cached_tokens = hit.len;
-            metrics.prefix_cache_hits.inc();
-            metrics.prefix_cache_reused_tokens.inc_by(hit.len as u64);
-        }
-        Err(e) => {
-            // Device memory, say: prefill the whole prompt in a fresh cache instead.
-            tracing::debug!("prefix cache: reuse skipped ({e})");
-            r.cache = KvCache::new(model.llama.cfg.num_hidden_layers, r.cache.max_len());
-        }
+        publish(&metrics, &cfg, &pool, &running, &waiting, &preempted);
     }
 }
 
@@ -294,18 +124,21 @@ fn score_prompt(r: &mut Running, rows: &Tensor, chunk: usize, top: usize) -> any
 fn publish(
     metrics: &EngineMetrics,
     cfg: &EngineConfig,
+    pool: &Option<KvBlocks>,
     running: &[Running],
     waiting: &VecDeque<Submission>,
+    preempted: &VecDeque<Running>,
 ) {
     metrics
         .kv_cache_bytes
         .set(running.iter().map(|r| r.cache.bytes()).sum::<usize>() as i64);
     metrics.running.set(running.len() as i64);
+    if let Some(p) = pool {
+        metrics.kv_blocks_used.set(p.used() as i64);
+    }
     if let Some(v) = &metrics.vllm {
-        let kv_usage = match cfg.kv_budget_bytes {
-            Some(budget) if budget > 0 => {
-                running.iter().map(|r| r.kv_reserved).sum::<usize>() as f64 / budget as f64
-            }
+        let kv_usage = match pool {
+            Some(p) if p.total() > 0 => p.used() as f64 / p.total() as f64,
             _ => running.len() as f64 / cfg.max_batch_size.max(1) as f64,
         };
         fn names(s: &Submission) -> Vec<&str> {
@@ -314,11 +147,16 @@ fn publish(
             })
         }
         v.publish(&VllmSnapshot {
-            waiting: waiting.len(),
+            waiting: waiting.len() + preempted.len(),
             running: running.len(),
             kv_usage,
             running_adapters: running.iter().flat_map(|r| names(&r.sub)).collect(),
-            waiting_adapters: waiting.iter().flat_map(names).collect(),
+            waiting_adapters: preempted
+                .iter()
+                .map(|r| &r.sub)
+                .chain(waiting)
+                .flat_map(names)
+                .collect(),
         });
     }
 }
@@ -329,26 +167,11 @@ fn step(
     cfg: &EngineConfig,
     row_budget: usize,
     running: &mut Vec<Running>,
+    blocks: &mut Blocks<'_>,
     prefixes: &mut PrefixCache,
     metrics: &EngineMetrics,
 ) {
-    // Decide each sequence's tokens for this step.
-    let mut budget = cfg.prefill_chunk.max(1);
-    let mut plan: Vec<(usize, Vec<u32>, bool)> = Vec::new(); // (index, tokens, completes prefill)
-    for (i, r) in running.iter().enumerate() {
-        if let Some(t) = r.next {
-            plan.push((i, vec![t], true));
-        } else if budget > 0 {
-            let prompt = &r.sub.req.prompt_ids;
-            let n = (prompt.len() - r.prefilled).min(budget);
-            budget -= n;
-            plan.push((
-                i,
-                prompt[r.prefilled..r.prefilled + n].to_vec(),
-                r.prefilled + n == prompt.len(),
-            ));
-        }
-    }
+    let plan = plan_with_blocks(running, cfg.prefill_chunk, blocks, metrics);
     if plan.is_empty() {
         return;
     }
@@ -357,7 +180,8 @@ fn step(
     let all_rows: Vec<bool> = plan
         .iter()
         .map(|(i, _, _)| {
-            running[*i].next.is_none() && running[*i].sub.req.prompt_logprobs.is_some()
+            let r = &running[*i];
+            r.next.is_none() && r.first_pass() && r.sub.req.prompt_logprobs.is_some()
         })
         .collect();
     // One result per planned sequence: its rows' logits (`[1, vocab]`, or one row per new token
@@ -440,7 +264,7 @@ fn step(
             }
         };
         if r.next.is_none() {
-            if let Some(top) = r.sub.req.prompt_logprobs {
+            if let Some(top) = r.sub.req.prompt_logprobs.filter(|_| r.first_pass()) {
                 if let Err(e) = score_prompt(r, logits, toks.len(), top) {
                     let _ = r
                         .sub
@@ -452,7 +276,7 @@ fn step(
             }
             r.prefilled += toks.len();
             if *completes {
-                prefixes.insert(&r.key, &r.sub.req.prompt_ids, &r.cache);
+                prefixes.insert(&r.key, r.fill(), &r.cache);
             }
         }
         if !completes {
@@ -533,14 +357,17 @@ fn step(
             }
         }
     }
-    retire(running, &finished);
+    retire(running, &finished, blocks.pool);
 }
 
-/// Drops the sequences marked in `marked` (by index), freeing their caches.
-fn retire(running: &mut Vec<Running>, marked: &[bool]) {
+/// Drops the sequences marked in `marked` (by index), freeing their caches and KV blocks.
+fn retire(running: &mut Vec<Running>, marked: &[bool], pool: &mut Option<KvBlocks>) {
     let mut idx = 0;
-    running.retain(|_| {
+    running.retain_mut(|r| {
         idx += 1;
+        if marked[idx - 1] {
+            release(pool, r);
+        }
         !marked[idx - 1]
     });
 }

@@ -5,14 +5,16 @@
 //!
 //! - `vllm:num_requests_waiting`, `vllm:num_requests_running` (gauges);
 //! - `vllm:kv_cache_usage_perc` and its older name `vllm:gpu_cache_usage_perc` (gauges, a
-//!   fraction: 1 = full). loraplex reports the KV bytes reserved by running sequences over the
-//!   KV budget; without a budget (the CPU default) the running sequences over `max_batch_size`;
+//!   fraction: 1 = full). loraplex reports the KV blocks running sequences hold over the blocks
+//!   of the KV budget; without a budget (the CPU default) the running sequences over
+//!   `max_batch_size`;
+//! - `vllm:num_preemptions_total` (counter): sequences preempted when KV blocks ran out;
 //! - `vllm:lora_requests_info` (gauge, one series): labels `running_lora_adapters` and
 //!   `waiting_lora_adapters` (adapter names, comma-separated without spaces) and `max_lora` (how
 //!   many distinct adapters can run at once: every row of a batch may have its own, so
 //!   `max_batch_size`); its value is the Unix time of the last update.
 
-use prometheus::{Gauge, GaugeVec, IntGauge, Opts, Registry};
+use prometheus::{Gauge, GaugeVec, IntCounter, IntGauge, Opts, Registry};
 use std::collections::BTreeSet;
 
 /// The gauges, registered in the server's registry.
@@ -23,6 +25,8 @@ pub struct VllmMetrics {
     gpu_cache_usage: Gauge,
     lora_info: GaugeVec,
     max_lora: String,
+    /// `vllm:num_preemptions_total`, counted by the scheduler.
+    pub preemptions: IntCounter,
 }
 
 /// What one update reports.
@@ -56,7 +60,13 @@ impl VllmMetrics {
             &["running_lora_adapters", "waiting_lora_adapters", "max_lora"],
         )?;
         registry.register(Box::new(lora_info.clone()))?;
+        let preemptions = IntCounter::new(
+            "vllm:num_preemptions_total",
+            "Cumulative number of preemption from the engine.",
+        )?;
+        registry.register(Box::new(preemptions.clone()))?;
         let m = Self {
+            preemptions,
             waiting: int_gauge(
                 "vllm:num_requests_waiting",
                 "Number of requests waiting to be processed.",

@@ -18,6 +18,8 @@ pub struct KvCache {
     /// Length that layer writes have reached during the current forward (committed at the end).
     pending: usize,
     max_len: usize,
+    /// Positions the engine's KV blocks cover (`None`: no pool); buffers never grow past it.
+    limit: Option<usize>,
 }
 
 impl KvCache {
@@ -28,6 +30,24 @@ impl KvCache {
             len: 0,
             pending: 0,
             max_len,
+            limit: None,
+        }
+    }
+
+    /// Caps the buffers at `positions` positions (the blocks the engine granted this sequence);
+    /// a write past it is an error, not a bigger buffer.
+    pub fn set_limit(&mut self, positions: usize) {
+        self.limit = Some(positions);
+    }
+
+    /// An empty cache of the same model, context and block limit.
+    pub fn empty_like(&self) -> Self {
+        Self {
+            layers: self.layers.iter().map(|_| LayerKv::default()).collect(),
+            len: 0,
+            pending: 0,
+            max_len: self.max_len,
+            limit: self.limit,
         }
     }
 
@@ -92,6 +112,12 @@ impl KvCache {
                 self.max_len
             );
         }
+        if let Some(limit) = self.limit.filter(|&l| end > l) {
+            candle_core::bail!(
+                "sequence of {end} positions exceeds the {limit} positions of its KV blocks"
+            );
+        }
+        let cap_limit = self.limit.unwrap_or(usize::MAX).min(self.max_len.max(end));
         let Some(slot) = self.layers.get_mut(layer) else {
             candle_core::bail!("kv cache has no layer {layer}");
         };
@@ -100,7 +126,7 @@ impl KvCache {
             match buf {
                 Some(b) if cap >= end => Ok(b.clone()),
                 _ => {
-                    let new_cap = (cap * 2).max(end).max(32).min(self.max_len.max(end));
+                    let new_cap = (cap * 2).max(end).max(32).min(cap_limit);
                     let fresh = Tensor::zeros((heads, new_cap, dim), dtype, device)?;
                     if let Some(b) = buf {
                         if start > 0 {
@@ -169,5 +195,32 @@ impl KvCache {
         }
         self.commit();
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_limited_cache_never_holds_more_than_its_blocks() {
+        let dev = Device::Cpu;
+        let kv = |n: usize| Tensor::ones((2, n, 4), DType::F32, &dev).unwrap();
+        let mut c = KvCache::new(1, 100);
+        c.set_limit(20);
+        c.append(0, &kv(5), &kv(5)).unwrap();
+        c.commit();
+        // Doubling would give 32 positions; the blocks cover 20.
+        assert_eq!(c.bytes(), 2 * (2 * 20 * 4) * 4);
+        let err = c.append(0, &kv(16), &kv(16)).unwrap_err().to_string();
+        assert!(err.contains("20 positions of its KV blocks"), "{err}");
+        c.set_limit(48);
+        let (k, _) = c.append(0, &kv(16), &kv(16)).unwrap();
+        c.commit();
+        assert_eq!((c.len(), k.dims3().unwrap()), (21, (2, 21, 4)));
+        assert!(c.bytes() <= 2 * (2 * 48 * 4) * 4);
+        // An emptied cache keeps its limit.
+        let e = c.empty_like();
+        assert_eq!((e.len(), e.limit, e.max_len), (0, Some(48), 100));
     }
 }

@@ -1,0 +1,220 @@
+//! Who runs each step, and with what KV memory: admission in arrival order (preempted
+//! sequences first) while a batch slot and the KV pool allow, the KV blocks each sequence is
+//! granted as it grows, preemption of the newest sequence when the pool runs dry, and the
+//! step's plan (one token per decoding sequence, bounded prefill chunks for the others).
+
+use super::kv_blocks::{KvBlocks, BLOCK_POSITIONS};
+use super::metrics::EngineMetrics;
+use super::prefix_cache::{PrefixCache, StackKey};
+use super::running::Running;
+use super::{kv_positions, EngineConfig, EngineEvent, Submission};
+use crate::generate::SequenceState;
+use crate::model::{KvCache, LoadedModel};
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+/// Admits, in arrival order (preempted sequences first), while a batch slot is open and the KV
+/// pool holds the next one's prompt (or, for a preempted one, its history).
+#[allow(clippy::too_many_arguments)]
+pub(super) fn admit(
+    model: &LoadedModel,
+    pool: &mut Option<KvBlocks>,
+    preempted: &mut VecDeque<Running>,
+    waiting: &mut VecDeque<Submission>,
+    running: &mut Vec<Running>,
+    prefixes: &mut PrefixCache,
+    cfg: &EngineConfig,
+    waiting_count: &AtomicUsize,
+    metrics: &EngineMetrics,
+) {
+    let fits = |pool: &Option<KvBlocks>, positions: usize| {
+        pool.as_ref()
+            .is_none_or(|p| KvBlocks::blocks_for(positions) <= p.free())
+    };
+    while running.len() < cfg.max_batch_size {
+        if let Some(front) = preempted.front() {
+            if !fits(pool, front.fill().len()) {
+                break;
+            }
+            let Some(mut r) = preempted.pop_front() else {
+                break;
+            };
+            let n = r.fill().len();
+            grant(pool, &mut r, n);
+            reuse_prefix(prefixes, &mut r, metrics);
+            running.push(r);
+            continue;
+        }
+        let Some(front) = waiting.front() else {
+            break;
+        };
+        if !fits(pool, front.req.prompt_ids.len()) {
+            break;
+        }
+        let Some(sub) = waiting.pop_front() else {
+            break;
+        };
+        waiting_count.fetch_sub(1, Ordering::SeqCst);
+        metrics
+            .queue_wait
+            .observe(sub.submitted.elapsed().as_secs_f64());
+        match SequenceState::new(
+            sub.req.params.clone(),
+            model.eos_ids.clone(),
+            model.tokenizer.as_ref(),
+        ) {
+            Ok(state) => {
+                let positions = kv_positions(model, &sub.req);
+                let mut r = Running {
+                    state,
+                    // Capped at what the sequence may fill; without a KV budget its buffers
+                    // grow by doubling up to that.
+                    cache: KvCache::new(model.llama.cfg.num_hidden_layers, positions),
+                    blocks: Vec::new(),
+                    prefilled: 0,
+                    next: None,
+                    last_token_at: None,
+                    prompt_lp: Vec::new(),
+                    key: StackKey::of(sub.req.lora.as_ref()),
+                    cached_tokens: 0,
+                    refill: None,
+                    sub,
+                };
+                let n = r.fill().len();
+                grant(pool, &mut r, n);
+                reuse_prefix(prefixes, &mut r, metrics);
+                running.push(r);
+            }
+            Err(e) => {
+                let _ = sub.events.send(EngineEvent::Error(format!("{e:#}")));
+            }
+        }
+    }
+}
+
+/// The KV pool and the queue of sequences it preempted.
+pub(super) struct Blocks<'a> {
+    pub(super) pool: &'a mut Option<KvBlocks>,
+    pub(super) preempted: &'a mut VecDeque<Running>,
+}
+
+/// Grants `r` the blocks that cover its first `positions` positions and caps its cache there;
+/// false (nothing taken) when the pool is short. Without a pool, always true.
+pub(super) fn grant(pool: &mut Option<KvBlocks>, r: &mut Running, positions: usize) -> bool {
+    let Some(pool) = pool else {
+        return true;
+    };
+    if !pool.grow(&mut r.blocks, positions) {
+        return false;
+    }
+    r.cache.set_limit(r.blocks.len() * BLOCK_POSITIONS);
+    true
+}
+
+/// Gives `r`'s blocks back to the pool.
+pub(super) fn release(pool: &mut Option<KvBlocks>, r: &mut Running) {
+    if let Some(pool) = pool {
+        pool.release(&mut r.blocks);
+    }
+    r.cache.set_limit(0);
+}
+
+/// Frees `r`'s KV and makes it start over when it returns: a sequence still in its first
+/// prefill starts it again; one that generated prefills its whole history, and its next token
+/// comes from that history's last row, as its next decode step's would have.
+pub(super) fn preempt(pool: &mut Option<KvBlocks>, mut r: Running) -> Running {
+    release(pool, &mut r);
+    r.cache = r.cache.empty_like();
+    r.prefilled = 0;
+    r.next = None;
+    if r.first_pass() {
+        r.prompt_lp.clear();
+        r.cached_tokens = 0;
+    } else {
+        let mut history = r.sub.req.prompt_ids.clone();
+        history.extend_from_slice(&r.state.ids);
+        r.refill = Some(history);
+    }
+    r
+}
+
+/// Starts `r`'s prefill after the longest cached prefix of what it fills under its stack (not
+/// when it scores its prompt: every prompt token needs its row then).
+pub(super) fn reuse_prefix(prefixes: &mut PrefixCache, r: &mut Running, metrics: &EngineMetrics) {
+    if r.first_pass() && r.sub.req.prompt_logprobs.is_some() {
+        return;
+    }
+    let Some(hit) = prefixes.lookup(&r.key, r.fill()) else {
+        return;
+    };
+    match hit.load_into(&mut r.cache) {
+        Ok(()) => {
+            r.prefilled = hit.len;
+            if r.first_pass() {
+                r.cached_tokens = hit.len;
+            }
+            metrics.prefix_cache_hits.inc();
+            metrics.prefix_cache_reused_tokens.inc_by(hit.len as u64);
+        }
+        Err(e) => {
+            // Device memory, say: prefill it all in a fresh cache instead.
+            tracing::debug!("prefix cache: reuse skipped ({e})");
+            r.cache = r.cache.empty_like();
+        }
+    }
+}
+
+/// Each running sequence's tokens for this step (index, tokens, whether they complete its
+/// prefill): one token for each decoding sequence, prefill chunks within `prefill_chunk` tokens
+/// over all the others, in arrival order.
+pub(super) fn plan(running: &[Running], prefill_chunk: usize) -> Vec<(usize, Vec<u32>, bool)> {
+    let mut budget = prefill_chunk.max(1);
+    let mut plan = Vec::new();
+    for (i, r) in running.iter().enumerate() {
+        if let Some(t) = r.next {
+            plan.push((i, vec![t], true));
+        } else if budget > 0 {
+            let fill = r.fill();
+            let n = (fill.len() - r.prefilled).min(budget);
+            budget -= n;
+            let chunk = fill[r.prefilled..r.prefilled + n].to_vec();
+            plan.push((i, chunk, r.prefilled + n == fill.len()));
+        }
+    }
+    plan
+}
+
+/// The step's plan, once every planned sequence holds the KV blocks for the positions it
+/// writes. While the pool is short, the newest running sequence is preempted: its blocks go
+/// back and it waits, first in line, to be recomputed (vLLM's policy: the oldest sequences keep
+/// going, so someone always finishes).
+pub(super) fn plan_with_blocks(
+    running: &mut Vec<Running>,
+    prefill_chunk: usize,
+    blocks: &mut Blocks<'_>,
+    metrics: &EngineMetrics,
+) -> Vec<(usize, Vec<u32>, bool)> {
+    loop {
+        let plan = plan(running, prefill_chunk);
+        let short = plan.iter().any(|(i, toks, _)| {
+            let r = &mut running[*i];
+            let end = r.cache.len() + toks.len();
+            !grant(blocks.pool, r, end)
+        });
+        if !short {
+            return plan;
+        }
+        let Some(newest) = running.pop() else {
+            return Vec::new();
+        };
+        tracing::debug!(
+            "KV blocks ran out: preempting a sequence holding {} positions",
+            newest.cache.len()
+        );
+        metrics.preemptions.inc();
+        if let Some(v) = &metrics.vllm {
+            v.preemptions.inc();
+        }
+        blocks.preempted.push_front(preempt(blocks.pool, newest));
+    }
+}

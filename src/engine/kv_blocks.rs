@@ -1,0 +1,127 @@
+//! The KV budget as a pool of fixed-size blocks (vLLM's paged accounting).
+//!
+//! A budget of `B` bytes becomes `B / (BLOCK_POSITIONS × bytes per position)` blocks of
+//! [`BLOCK_POSITIONS`] positions each. Every running sequence holds a block table: the ids of the
+//! blocks that cover its positions so far. It is admitted when its prompt's blocks are free (not
+//! its prompt plus `max_tokens`, which most sequences never reach), gains one block each time it
+//! crosses a block boundary, and gives them all back when it ends or is preempted. A sequence's
+//! KV storage never holds more positions than its table covers (`KvCache::set_limit`), so the
+//! pool's use is the bytes really held.
+//!
+//! The ids are what a device pool's block tables index; on the CPU each sequence's storage is
+//! still one buffer per layer, sized to its blocks.
+
+/// Positions one block holds (vLLM's default block size).
+pub const BLOCK_POSITIONS: usize = 16;
+
+/// The free and used blocks of the engine's KV budget.
+#[derive(Debug)]
+pub struct KvBlocks {
+    total: usize,
+    /// Ids of the free blocks (the most recently freed last, reused first).
+    free: Vec<u32>,
+}
+
+impl KvBlocks {
+    /// The pool a budget of `budget_bytes` holds, for `bytes_per_position` bytes of KV each.
+    pub fn for_budget(budget_bytes: usize, bytes_per_position: usize) -> Self {
+        let block_bytes = BLOCK_POSITIONS.saturating_mul(bytes_per_position).max(1);
+        Self::with_blocks(budget_bytes / block_bytes)
+    }
+
+    /// A pool of `total` blocks, all free.
+    pub fn with_blocks(total: usize) -> Self {
+        let total = total.min(u32::MAX as usize);
+        Self {
+            total,
+            free: (0..total as u32).rev().collect(),
+        }
+    }
+
+    /// Blocks that cover `positions` positions.
+    pub fn blocks_for(positions: usize) -> usize {
+        positions.div_ceil(BLOCK_POSITIONS)
+    }
+
+    /// Every block of the pool.
+    pub fn total(&self) -> usize {
+        self.total
+    }
+
+    /// Blocks no sequence holds.
+    pub fn free(&self) -> usize {
+        self.free.len()
+    }
+
+    /// Blocks held by sequences.
+    pub fn used(&self) -> usize {
+        self.total - self.free.len()
+    }
+
+    /// Positions the whole pool holds.
+    pub fn capacity_positions(&self) -> usize {
+        self.total * BLOCK_POSITIONS
+    }
+
+    /// Extends `table` to cover `positions` positions. Takes nothing and returns false when the
+    /// pool has too few free blocks.
+    pub fn grow(&mut self, table: &mut Vec<u32>, positions: usize) -> bool {
+        let want = Self::blocks_for(positions).saturating_sub(table.len());
+        if want > self.free.len() {
+            return false;
+        }
+        let keep = self.free.len() - want;
+        table.extend(self.free.drain(keep..).rev());
+        true
+    }
+
+    /// Gives every block of `table` back (the table is left empty).
+    pub fn release(&mut self, table: &mut Vec<u32>) {
+        self.free.extend(table.drain(..).rev());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_budget_becomes_whole_blocks() {
+        // 100 positions' bytes hold 6 whole blocks of 16.
+        let pool = KvBlocks::for_budget(100 * 512, 512);
+        assert_eq!((pool.total(), pool.free(), pool.used()), (6, 6, 0));
+        assert_eq!(pool.capacity_positions(), 96);
+        assert_eq!(KvBlocks::for_budget(15 * 512, 512).total(), 0);
+        assert_eq!(KvBlocks::blocks_for(0), 0);
+        assert_eq!(KvBlocks::blocks_for(16), 1);
+        assert_eq!(KvBlocks::blocks_for(17), 2);
+    }
+
+    #[test]
+    fn tables_grow_by_whole_blocks_and_give_them_back() {
+        let mut pool = KvBlocks::with_blocks(5);
+        let (mut a, mut b) = (Vec::new(), Vec::new());
+        assert!(pool.grow(&mut a, 3));
+        assert_eq!(a.len(), 1);
+        // Positions inside blocks already held take nothing.
+        assert!(pool.grow(&mut a, 16));
+        assert_eq!(a.len(), 1);
+        assert!(pool.grow(&mut a, 33));
+        assert_eq!((a.len(), pool.free()), (3, 2));
+        // Too few free blocks: nothing is taken.
+        assert!(!pool.grow(&mut b, 3 * 16));
+        assert_eq!((b.len(), pool.free()), (0, 2));
+        assert!(pool.grow(&mut b, 2 * 16));
+        assert_eq!(pool.free(), 0);
+        // Every id is held once.
+        let mut ids: Vec<u32> = a.iter().chain(&b).copied().collect();
+        ids.sort_unstable();
+        assert_eq!(ids, vec![0, 1, 2, 3, 4]);
+        pool.release(&mut a);
+        assert!(a.is_empty());
+        assert_eq!((pool.free(), pool.used()), (3, 2));
+        assert!(pool.grow(&mut b, 5 * 16));
+        pool.release(&mut b);
+        assert_eq!(pool.free(), 5);
+    }
+}
