@@ -48,6 +48,10 @@ pub struct BenchServeArgs {
     /// New tokens per request (greedy, end-of-sequence ignored).
     #[arg(long, default_value_t = 64)]
     pub new_tokens: usize,
+    /// Let requests stop at end-of-sequence, as chat clients do: --new-tokens becomes their
+    /// max_tokens, and tok/s counts the tokens they did generate.
+    #[arg(long)]
+    pub stop_at_eos: bool,
     /// Requests each client sends one after the other.
     #[arg(long, default_value_t = 1)]
     pub requests_per_stream: usize,
@@ -163,6 +167,7 @@ pub fn run(a: BenchServeArgs) -> Result<()> {
         url: url.clone(),
         api_key: a.api_key.clone(),
         new_tokens: a.new_tokens,
+        stop_at_eos: a.stop_at_eos,
         requests_per_stream: a.requests_per_stream,
         seed: a.seed,
         timeout: Duration::from_secs(a.timeout_secs),
@@ -170,6 +175,7 @@ pub fn run(a: BenchServeArgs) -> Result<()> {
     // Warm-up (not measured): one short request on the base.
     let warm = LoadSpec {
         new_tokens: 4,
+        stop_at_eos: false,
         requests_per_stream: 1,
         ..spec.clone()
     };

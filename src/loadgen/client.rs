@@ -27,17 +27,18 @@ pub struct ChatRequest {
     pub model: String,
     pub prompt: String,
     pub max_tokens: usize,
+    /// Generate `max_tokens` whatever the model says (otherwise it may stop at end-of-sequence).
+    pub ignore_eos: bool,
 }
 
-/// The JSON body: greedy, end-of-sequence ignored (every request generates `max_tokens`),
-/// streamed with usage in the last chunk.
+/// The JSON body: greedy, streamed with usage in the last chunk.
 pub fn body(req: &ChatRequest) -> Value {
     json!({
         "model": req.model,
         "messages": [{"role": "user", "content": req.prompt}],
         "max_tokens": req.max_tokens,
         "temperature": 0.0,
-        "ignore_eos": true,
+        "ignore_eos": req.ignore_eos,
         "stream": true,
         "stream_options": {"include_usage": true},
     })

@@ -56,8 +56,10 @@ pub struct LoadCase {
 pub struct LoadSpec {
     pub url: String,
     pub api_key: Option<String>,
-    /// New tokens per request.
+    /// New tokens per request (with `stop_at_eos`, at most).
     pub new_tokens: usize,
+    /// Requests may stop at end-of-sequence (otherwise every one generates `new_tokens`).
+    pub stop_at_eos: bool,
     /// Requests each client sends one after another.
     pub requests_per_stream: usize,
     /// Seed of the prompt assignment.
@@ -129,6 +131,7 @@ pub fn run_case(
                         PROMPTS[(first + k) % PROMPTS.len()]
                     ),
                     max_tokens: spec.new_tokens,
+                    ignore_eos: !spec.stop_at_eos,
                 };
                 let r = client::stream_chat(&agent, &spec.url, spec.api_key.as_deref(), &req);
                 if let Ok(mut all) = results.lock() {
@@ -145,7 +148,7 @@ pub fn run_case(
     }
     let wall = t0.elapsed().as_secs_f64();
     let all = std::mem::take(&mut *results.lock().unwrap_or_else(|e| e.into_inner()));
-    summarise(case, pass, wall, all, spec.new_tokens)
+    summarise(case, pass, wall, all, spec)
 }
 
 fn summarise(
@@ -153,8 +156,13 @@ fn summarise(
     pass: usize,
     wall: f64,
     all: Vec<Result<RequestTiming, String>>,
-    new_tokens: usize,
+    spec: &LoadSpec,
 ) -> CaseResult {
+    let new_tokens = spec.new_tokens;
+    let complete = |n: usize| match spec.stop_at_eos {
+        true => (1..=new_tokens).contains(&n),
+        false => n == new_tokens,
+    };
     let requests = all.len();
     let (mut ttft, mut itl, mut tokens, mut prompt_tokens, mut errors) =
         (Vec::new(), Vec::new(), 0, 0, 0);
@@ -163,7 +171,7 @@ fn summarise(
     let mut ok = 0;
     for r in all {
         match r {
-            Ok(t) if t.completion_tokens == new_tokens => {
+            Ok(t) if complete(t.completion_tokens) => {
                 ok += 1;
                 ttft.extend(t.ttft);
                 itl.extend(t.inter_token);
@@ -270,17 +278,26 @@ mod tests {
             completion_tokens: 1,
             ..good.clone()
         };
-        let r = summarise(
-            &case,
-            1,
-            2.0,
-            vec![Ok(good), Ok(short), Err("boom".into())],
-            3,
-        );
+        let mut spec = LoadSpec {
+            url: String::new(),
+            api_key: None,
+            new_tokens: 3,
+            stop_at_eos: false,
+            requests_per_stream: 1,
+            seed: 0,
+            timeout: std::time::Duration::from_secs(1),
+        };
+        let all = vec![Ok(good), Ok(short), Err("boom".into())];
+        let r = summarise(&case, 1, 2.0, all.clone(), &spec);
         assert_eq!((r.requests, r.errors, r.completion_tokens), (3, 2, 3));
         assert_eq!(r.distinct_models, 2);
         assert_eq!(r.tokens_per_s, 1.5);
         assert_eq!((r.prompt_tokens_mean, r.cached_tokens_mean), (10.0, 4.0));
         assert!(r.first_error.unwrap().contains("1 tokens"));
+        // Stopping at end-of-sequence, a shorter answer is complete and its tokens count.
+        spec.stop_at_eos = true;
+        let r = summarise(&case, 1, 2.0, all, &spec);
+        assert_eq!((r.requests, r.errors, r.completion_tokens), (3, 1, 4));
+        assert_eq!(r.tokens_per_s, 2.0);
     }
 }
