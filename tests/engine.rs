@@ -291,3 +291,44 @@ fn sequences_preempted_when_kv_blocks_run_out_finish_as_alone() {
         assert_eq!(metrics.running.get(), 0);
     }
 }
+
+/// Under a KV budget the prefix cache lives in the same block pool: a finished sequence's
+/// history stays cached in free blocks, and a later sequence that needs those blocks gets them
+/// by evicting the cached entry, not by preempting anyone (and not beyond the budget).
+#[test]
+fn cached_prefixes_hold_pool_blocks_and_give_them_up_to_growing_sequences() {
+    let (e, metrics) = engine_with_config(EngineConfig {
+        kv_budget_bytes: Some(4 * 16 * 512),
+        ..EngineConfig::default()
+    });
+    let wait_for = |what: &dyn Fn() -> bool| {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !what() && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+    };
+    // 20 prompt tokens + 10 generated: its history (29 positions) is cached in 2 blocks.
+    let first: Vec<u32> = (10..30).collect();
+    assert_eq!(
+        collect(e.submit(request(first.clone(), 10)).unwrap())
+            .unwrap()
+            .len(),
+        10
+    );
+    wait_for(&|| metrics.kv_blocks_used.get() == 0);
+    assert_eq!(metrics.kv_blocks_prefix_cache.get(), 2);
+    assert_eq!(metrics.kv_blocks_used.get(), 0);
+    // A new prompt growing to 64 positions needs all 4 blocks: the cached entry goes.
+    let unlimited = engine(None);
+    let alone = collect(unlimited.submit(request(vec![3, 1, 4], 61)).unwrap()).unwrap();
+    let got = collect(e.submit(request(vec![3, 1, 4], 61)).unwrap()).unwrap();
+    assert_eq!(got, alone);
+    assert_eq!(metrics.preemptions.get(), 0);
+    // Its own history (63 positions, 4 blocks) is cached now, in the whole pool.
+    wait_for(&|| metrics.kv_blocks_used.get() == 0);
+    assert_eq!(metrics.kv_blocks_prefix_cache.get(), 4);
+    // The first prompt again: nothing of it is cached any more, and it runs as before.
+    let again = e.submit(request(first, 10)).unwrap();
+    assert_eq!(collect(again).unwrap().len(), 10);
+    assert_eq!(metrics.prefix_cache_hits.get(), 0);
+}

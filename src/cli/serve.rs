@@ -64,7 +64,8 @@ pub struct ServeArgs {
     #[arg(long)]
     pub prefill_chunk: Option<usize>,
     /// Byte cap of the prefix cache: keys and values of earlier prompts and answers, reused by
-    /// prompts that start the same way under the same adapters (0 = off).
+    /// prompts that start the same way under the same adapters (0 = off). With a KV budget it
+    /// also lives in that budget's blocks, evicted when running sequences need them.
     #[arg(long)]
     pub prefix_cache_bytes: Option<u64>,
     /// Require `Authorization: Bearer KEY` on /v1 routes. Unset: no auth.

@@ -1,11 +1,11 @@
 //! Who runs each step, and with what KV memory: admission in arrival order (preempted
 //! sequences first) while a batch slot and the KV pool allow, the KV blocks each sequence is
-//! granted as it grows, preemption of the newest sequence when the pool runs dry, and the
-//! step's plan (one token per decoding sequence, bounded prefill chunks for the others).
+//! granted as it grows (`KvMemory`), preemption of the newest sequence when the pool runs dry,
+//! and the step's plan (one token per decoding sequence, bounded prefill chunks for the others).
 
-use super::kv_blocks::{KvBlocks, BLOCK_POSITIONS};
+use super::kv_memory::KvMemory;
 use super::metrics::EngineMetrics;
-use super::prefix_cache::{PrefixCache, StackKey};
+use super::prefix_cache::{PrefixCache, PrefixHit, StackKey};
 use super::running::Running;
 use super::{kv_positions, EngineConfig, EngineEvent, Submission};
 use crate::generate::SequenceState;
@@ -14,41 +14,45 @@ use std::collections::VecDeque;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 /// Admits, in arrival order (preempted sequences first), while a batch slot is open and the KV
-/// pool holds the next one's prompt (or, for a preempted one, its history).
+/// pool holds the next one's prompt (or, for a preempted one, its history), evicting cached
+/// prefixes for room if needed but never the one it is about to reuse.
 #[allow(clippy::too_many_arguments)]
 pub(super) fn admit(
     model: &LoadedModel,
-    pool: &mut Option<KvBlocks>,
+    mem: &mut KvMemory,
     preempted: &mut VecDeque<Running>,
     waiting: &mut VecDeque<Submission>,
     running: &mut Vec<Running>,
-    prefixes: &mut PrefixCache,
     cfg: &EngineConfig,
     waiting_count: &AtomicUsize,
     metrics: &EngineMetrics,
 ) {
-    let fits = |pool: &Option<KvBlocks>, positions: usize| {
-        pool.as_ref()
-            .is_none_or(|p| KvBlocks::blocks_for(positions) <= p.free())
-    };
     while running.len() < cfg.max_batch_size {
         if let Some(front) = preempted.front() {
-            if !fits(pool, front.fill().len()) {
+            // The lookup marks the entry it finds as just used, so making room evicts others.
+            let hit = find_prefix(&mut mem.prefixes, front);
+            if !mem.make_room(front.fill().len()) {
                 break;
             }
             let Some(mut r) = preempted.pop_front() else {
                 break;
             };
             let n = r.fill().len();
-            grant(pool, &mut r, n);
-            reuse_prefix(prefixes, &mut r, metrics);
+            if mem.grant(&mut r, n) {
+                load_prefix(&mut r, hit, metrics);
+            }
             running.push(r);
             continue;
         }
         let Some(front) = waiting.front() else {
             break;
         };
-        if !fits(pool, front.req.prompt_ids.len()) {
+        let key = StackKey::of(front.req.lora.as_ref());
+        let hit = match front.req.prompt_logprobs {
+            Some(_) => None,
+            None => mem.prefixes.lookup(&key, &front.req.prompt_ids),
+        };
+        if !mem.make_room(front.req.prompt_ids.len()) {
             break;
         }
         let Some(sub) = waiting.pop_front() else {
@@ -75,14 +79,15 @@ pub(super) fn admit(
                     next: None,
                     last_token_at: None,
                     prompt_lp: Vec::new(),
-                    key: StackKey::of(sub.req.lora.as_ref()),
+                    key,
                     cached_tokens: 0,
                     refill: None,
                     sub,
                 };
                 let n = r.fill().len();
-                grant(pool, &mut r, n);
-                reuse_prefix(prefixes, &mut r, metrics);
+                if mem.grant(&mut r, n) {
+                    load_prefix(&mut r, hit, metrics);
+                }
                 running.push(r);
             }
             Err(e) => {
@@ -92,38 +97,11 @@ pub(super) fn admit(
     }
 }
 
-/// The KV pool and the queue of sequences it preempted.
-pub(super) struct Blocks<'a> {
-    pub(super) pool: &'a mut Option<KvBlocks>,
-    pub(super) preempted: &'a mut VecDeque<Running>,
-}
-
-/// Grants `r` the blocks that cover its first `positions` positions and caps its cache there;
-/// false (nothing taken) when the pool is short. Without a pool, always true.
-pub(super) fn grant(pool: &mut Option<KvBlocks>, r: &mut Running, positions: usize) -> bool {
-    let Some(pool) = pool else {
-        return true;
-    };
-    if !pool.grow(&mut r.blocks, positions) {
-        return false;
-    }
-    r.cache.set_limit(r.blocks.len() * BLOCK_POSITIONS);
-    true
-}
-
-/// Gives `r`'s blocks back to the pool.
-pub(super) fn release(pool: &mut Option<KvBlocks>, r: &mut Running) {
-    if let Some(pool) = pool {
-        pool.release(&mut r.blocks);
-    }
-    r.cache.set_limit(0);
-}
-
 /// Frees `r`'s KV and makes it start over when it returns: a sequence still in its first
 /// prefill starts it again; one that generated prefills its whole history, and its next token
 /// comes from that history's last row, as its next decode step's would have.
-pub(super) fn preempt(pool: &mut Option<KvBlocks>, mut r: Running) -> Running {
-    release(pool, &mut r);
+pub(super) fn preempt(mem: &mut KvMemory, mut r: Running) -> Running {
+    mem.release(&mut r);
     r.cache = r.cache.empty_like();
     r.prefilled = 0;
     r.next = None;
@@ -138,13 +116,18 @@ pub(super) fn preempt(pool: &mut Option<KvBlocks>, mut r: Running) -> Running {
     r
 }
 
-/// Starts `r`'s prefill after the longest cached prefix of what it fills under its stack (not
-/// when it scores its prompt: every prompt token needs its row then).
-pub(super) fn reuse_prefix(prefixes: &mut PrefixCache, r: &mut Running, metrics: &EngineMetrics) {
+/// The longest cached prefix of what `r` fills under its stack (none when it scores its
+/// prompt: every prompt token needs its row then).
+fn find_prefix(prefixes: &mut PrefixCache, r: &Running) -> Option<PrefixHit> {
     if r.first_pass() && r.sub.req.prompt_logprobs.is_some() {
-        return;
+        return None;
     }
-    let Some(hit) = prefixes.lookup(&r.key, r.fill()) else {
+    prefixes.lookup(&r.key, r.fill())
+}
+
+/// Starts `r`'s prefill after the cached prefix `hit` (copied into its cache).
+fn load_prefix(r: &mut Running, hit: Option<PrefixHit>, metrics: &EngineMetrics) {
+    let Some(hit) = hit else {
         return;
     };
     match hit.load_into(&mut r.cache) {
@@ -185,13 +168,15 @@ pub(super) fn plan(running: &[Running], prefill_chunk: usize) -> Vec<(usize, Vec
 }
 
 /// The step's plan, once every planned sequence holds the KV blocks for the positions it
-/// writes. While the pool is short, the newest running sequence is preempted: its blocks go
+/// writes. While the pool is short (once cached prefixes are evicted), the newest running
+/// sequence is preempted: its blocks go
 /// back and it waits, first in line, to be recomputed (vLLM's policy: the oldest sequences keep
 /// going, so someone always finishes).
 pub(super) fn plan_with_blocks(
     running: &mut Vec<Running>,
     prefill_chunk: usize,
-    blocks: &mut Blocks<'_>,
+    mem: &mut KvMemory,
+    preempted: &mut VecDeque<Running>,
     metrics: &EngineMetrics,
 ) -> Vec<(usize, Vec<u32>, bool)> {
     loop {
@@ -199,7 +184,7 @@ pub(super) fn plan_with_blocks(
         let short = plan.iter().any(|(i, toks, _)| {
             let r = &mut running[*i];
             let end = r.cache.len() + toks.len();
-            !grant(blocks.pool, r, end)
+            !mem.grant(r, end)
         });
         if !short {
             return plan;
@@ -215,6 +200,6 @@ pub(super) fn plan_with_blocks(
         if let Some(v) = &metrics.vllm {
             v.preemptions.inc();
         }
-        blocks.preempted.push_front(preempt(blocks.pool, newest));
+        preempted.push_front(preempt(mem, newest));
     }
 }

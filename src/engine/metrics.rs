@@ -17,6 +17,8 @@ pub struct EngineMetrics {
     /// The KV pool's blocks (with a KV budget), and those running sequences hold.
     pub kv_blocks_total: IntGauge,
     pub kv_blocks_used: IntGauge,
+    /// The pool's blocks the prefix cache holds (evicted first when sequences need blocks).
+    pub kv_blocks_prefix_cache: IntGauge,
     /// Sequences whose KV blocks were taken back to let older ones go on (recomputed later).
     pub preemptions: IntCounter,
     /// Sequences whose prefill started after a cached prefix, and the prompt tokens so skipped.
@@ -91,6 +93,10 @@ impl EngineMetrics {
             kv_blocks_used: gauge(
                 "loraplex_kv_blocks_used",
                 "KV-cache blocks held by running sequences",
+            )?,
+            kv_blocks_prefix_cache: gauge(
+                "loraplex_kv_blocks_prefix_cache",
+                "KV-cache blocks held by the prefix cache (reclaimed when sequences need them)",
             )?,
             preemptions: counter(
                 "loraplex_preemptions_total",

@@ -14,6 +14,7 @@
 
 mod admission;
 mod kv_blocks;
+mod kv_memory;
 mod metrics;
 mod prefix_cache;
 mod running;

@@ -7,8 +7,10 @@
 //! and values, so only the same stack (the same loaded adapters with the same weights, or the
 //! base) may reuse an entry. Adapters are identified by their loaded instance: a reloaded or
 //! re-registered adapter misses. Entries live until the byte cap needs room (least recently
-//! used first) or their adapter is dropped.
+//! used first) or their adapter is dropped; with a KV budget they also live in the engine's KV
+//! block pool and go first when running sequences need the blocks (`engine::kv_memory`).
 
+use super::kv_blocks::KvBlocks;
 use crate::lora::{LoraAdapter, LoraStack};
 use crate::model::KvCache;
 use candle_core::Tensor;
@@ -161,17 +163,30 @@ impl PrefixCache {
             last_used: self.clock,
         });
         self.bytes = self.entries.iter().map(|e| e.bytes).sum();
-        while self.bytes > self.cap {
-            let Some(oldest) = self
-                .entries
-                .iter()
-                .enumerate()
-                .min_by_key(|(_, e)| e.last_used)
-                .map(|(i, _)| i)
-            else {
-                break;
-            };
-            self.bytes -= self.entries.swap_remove(oldest).bytes;
-        }
+        while self.bytes > self.cap && self.evict_oldest() {}
+    }
+
+    /// Drops the least recently used entry; false when there is none.
+    pub fn evict_oldest(&mut self) -> bool {
+        let Some(oldest) = self
+            .entries
+            .iter()
+            .enumerate()
+            .min_by_key(|(_, e)| e.last_used)
+            .map(|(i, _)| i)
+        else {
+            return false;
+        };
+        self.bytes -= self.entries.swap_remove(oldest).bytes;
+        true
+    }
+
+    /// KV blocks of [`BLOCK_POSITIONS`](super::kv_blocks::BLOCK_POSITIONS) positions the entries would take in the engine's pool
+    /// (each entry rounded up to whole blocks).
+    pub fn blocks(&self) -> usize {
+        self.entries
+            .iter()
+            .map(|e| KvBlocks::blocks_for(e.tokens.len()))
+            .sum()
     }
 }

@@ -1,7 +1,8 @@
 //! The scheduler loop (runs on its own thread): admit, batch, forward, sample, stream, retire.
 
-use super::admission::{admit, plan_with_blocks, release, Blocks};
+use super::admission::{admit, plan_with_blocks};
 use super::kv_blocks::KvBlocks;
+use super::kv_memory::KvMemory;
 use super::metrics::EngineMetrics;
 use super::prefix_cache::PrefixCache;
 use super::running::Running;
@@ -27,10 +28,10 @@ pub(super) fn run(
     // Preempted sequences, oldest first; they return before any new submission.
     let mut preempted: VecDeque<Running> = VecDeque::new();
     let mut running: Vec<Running> = Vec::new();
-    let mut prefixes = PrefixCache::new(cfg.prefix_cache_bytes);
-    let mut pool = cfg
+    let pool = cfg
         .kv_budget_bytes
         .map(|b| KvBlocks::for_budget(b, kv_bytes_per_position(&model)));
+    let mut mem = KvMemory::new(pool, PrefixCache::new(cfg.prefix_cache_bytes));
     // The backend is fixed by the model's device; it says how many rows one forward call holds.
     let row_budget = match Backend::of(model.llama.device()) {
         Ok(b) => b.row_budget(),
@@ -55,7 +56,7 @@ pub(super) fn run(
         running.retain_mut(|r| {
             let open = !r.sub.events.is_closed();
             if !open {
-                release(&mut pool, r);
+                mem.release(r);
             }
             open
         });
@@ -71,11 +72,10 @@ pub(super) fn run(
             .inc_by((before - running.len() - preempted.len() + dropped_waiting) as u64);
         admit(
             &model,
-            &mut pool,
+            &mut mem,
             &mut preempted,
             &mut waiting,
             &mut running,
-            &mut prefixes,
             &cfg,
             &waiting_count,
             &metrics,
@@ -83,7 +83,7 @@ pub(super) fn run(
         metrics
             .waiting
             .set((waiting.len() + preempted.len()) as i64);
-        publish(&metrics, &cfg, &pool, &running, &waiting, &preempted);
+        publish(&metrics, &cfg, &mem, &running, &waiting, &preempted);
         if running.is_empty() {
             continue;
         }
@@ -92,15 +92,13 @@ pub(super) fn run(
             &cfg,
             row_budget,
             &mut running,
-            &mut Blocks {
-                pool: &mut pool,
-                preempted: &mut preempted,
-            },
-            &mut prefixes,
+            &mut mem,
+            &mut preempted,
             &metrics,
         );
-        metrics.prefix_cache_bytes.set(prefixes.bytes() as i64);
-        publish(&metrics, &cfg, &pool, &running, &waiting, &preempted);
+        mem.settle_prefixes();
+        metrics.prefix_cache_bytes.set(mem.prefixes.bytes() as i64);
+        publish(&metrics, &cfg, &mem, &running, &waiting, &preempted);
     }
 }
 
@@ -124,7 +122,7 @@ fn score_prompt(r: &mut Running, rows: &Tensor, chunk: usize, top: usize) -> any
 fn publish(
     metrics: &EngineMetrics,
     cfg: &EngineConfig,
-    pool: &Option<KvBlocks>,
+    mem: &KvMemory,
     running: &[Running],
     waiting: &VecDeque<Submission>,
     preempted: &VecDeque<Running>,
@@ -133,12 +131,15 @@ fn publish(
         .kv_cache_bytes
         .set(running.iter().map(|r| r.cache.bytes()).sum::<usize>() as i64);
     metrics.running.set(running.len() as i64);
-    if let Some(p) = pool {
-        metrics.kv_blocks_used.set(p.used() as i64);
+    let blocks = mem.blocks();
+    if let Some((_, sequences, prefixes)) = blocks {
+        metrics.kv_blocks_used.set(sequences as i64);
+        metrics.kv_blocks_prefix_cache.set(prefixes as i64);
     }
     if let Some(v) = &metrics.vllm {
-        let kv_usage = match pool {
-            Some(p) if p.total() > 0 => p.used() as f64 / p.total() as f64,
+        // As vLLM counts it: blocks held by requests (cached prefixes can be reclaimed).
+        let kv_usage = match blocks {
+            Some((total, sequences, _)) if total > 0 => sequences as f64 / total as f64,
             _ => running.len() as f64 / cfg.max_batch_size.max(1) as f64,
         };
         fn names(s: &Submission) -> Vec<&str> {
@@ -167,11 +168,11 @@ fn step(
     cfg: &EngineConfig,
     row_budget: usize,
     running: &mut Vec<Running>,
-    blocks: &mut Blocks<'_>,
-    prefixes: &mut PrefixCache,
+    mem: &mut KvMemory,
+    preempted: &mut VecDeque<Running>,
     metrics: &EngineMetrics,
 ) {
-    let plan = plan_with_blocks(running, cfg.prefill_chunk, blocks, metrics);
+    let plan = plan_with_blocks(running, cfg.prefill_chunk, mem, preempted, metrics);
     if plan.is_empty() {
         return;
     }
@@ -276,7 +277,7 @@ fn step(
             }
             r.prefilled += toks.len();
             if *completes {
-                prefixes.insert(&r.key, r.fill(), &r.cache);
+                mem.prefixes.insert(&r.key, r.fill(), &r.cache);
             }
         }
         if !completes {
@@ -338,7 +339,7 @@ fn step(
                     let mut fed = r.sub.req.prompt_ids.clone();
                     fed.extend_from_slice(&r.state.ids);
                     fed.truncate(r.cache.len());
-                    prefixes.insert(&r.key, &fed, &r.cache);
+                    mem.prefixes.insert(&r.key, &fed, &r.cache);
                     let _ = r.sub.events.send(EngineEvent::Done {
                         reason,
                         prompt_tokens: r.sub.req.prompt_ids.len(),
@@ -357,16 +358,16 @@ fn step(
             }
         }
     }
-    retire(running, &finished, blocks.pool);
+    retire(running, &finished, mem);
 }
 
 /// Drops the sequences marked in `marked` (by index), freeing their caches and KV blocks.
-fn retire(running: &mut Vec<Running>, marked: &[bool], pool: &mut Option<KvBlocks>) {
+fn retire(running: &mut Vec<Running>, marked: &[bool], mem: &mut KvMemory) {
     let mut idx = 0;
     running.retain_mut(|r| {
         idx += 1;
         if marked[idx - 1] {
-            release(pool, r);
+            mem.release(r);
         }
         !marked[idx - 1]
     });
