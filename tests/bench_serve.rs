@@ -14,10 +14,6 @@ fn bench_serve(model: &std::path::Path, extra: &[&str]) -> Vec<Value> {
         "bench-serve",
         "--model",
         model.to_str().unwrap(),
-        "--streams",
-        "1,3",
-        "--adapters",
-        "0,2",
         "--passes",
         "1",
         "--json",
@@ -36,7 +32,8 @@ fn bench_serve_drives_every_case_and_counts_every_token() {
     let model = dir.path().join("tiny.gguf");
     write_tiny_gguf_with(&model, "smollm", true, Some(TINY_CHAT_TEMPLATE));
     // 4 cases: 1 and 3 streams, on the base and over 2 distinct adapters (1 stream uses one).
-    let fixed = bench_serve(&model, &["--new-tokens", "20"]);
+    let cases = ["--streams", "1,3", "--adapters", "0,2"];
+    let fixed = bench_serve(&model, &[&cases[..], &["--new-tokens", "20"]].concat());
     assert_eq!(fixed.len(), 4, "{fixed:?}");
     for (row, streams) in fixed.iter().zip([1, 1, 3, 3]) {
         assert_eq!(row["errors"], 0, "{row}");
@@ -45,6 +42,25 @@ fn bench_serve_drives_every_case_and_counts_every_token() {
         assert!(row["tokens_per_s"].as_f64().unwrap() > 0.0, "{row}");
     }
     assert_eq!(fixed[3]["distinct_models"], 2);
+    // More adapters than clients: the requests take them in turn, so 2 clients × 3 requests
+    // use 5 adapters (6 requests, one adapter twice).
+    let many = bench_serve(
+        &model,
+        &[
+            "--new-tokens",
+            "4",
+            "--streams",
+            "2",
+            "--adapters",
+            "5",
+            "--requests-per-stream",
+            "3",
+        ],
+    );
+    assert_eq!(many.len(), 1, "{many:?}");
+    assert_eq!(many[0]["distinct_models"], 5, "{many:?}");
+    assert_eq!(many[0]["requests"], 6, "{many:?}");
+    assert_eq!(many[0]["errors"], 0, "{many:?}");
     // Stopping at end-of-sequence with a KV budget of 16 blocks (the tiny model's KV is 512
     // bytes a position): the ~90-token prompts take 6 blocks, so two of three streams run at
     // once and, unless they stop early, outgrow the pool at 128 positions, where the newest is
@@ -52,11 +68,15 @@ fn bench_serve_drives_every_case_and_counts_every_token() {
     let eos = bench_serve(
         &model,
         &[
-            "--new-tokens",
-            "40",
-            "--stop-at-eos",
-            "--serve-arg=--kv-cache-bytes=131072",
-        ],
+            &cases[..],
+            &[
+                "--new-tokens",
+                "40",
+                "--stop-at-eos",
+                "--serve-arg=--kv-cache-bytes=131072",
+            ],
+        ]
+        .concat(),
     );
     assert_eq!(eos.len(), 4, "{eos:?}");
     for row in &eos {

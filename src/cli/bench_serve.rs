@@ -37,8 +37,9 @@ pub struct BenchServeArgs {
     /// Concurrent clients per case, comma-separated.
     #[arg(long, value_delimiter = ',', default_values_t = vec![1, 32])]
     pub streams: Vec<usize>,
-    /// Distinct adapters per case, comma-separated (0 = every client on the base); clients take
-    /// them round-robin.
+    /// Distinct adapters per case, comma-separated (0 = every client on the base); requests take
+    /// them in turn (client c's k-th request: adapter (c + k × streams) mod M), so more adapters
+    /// than clients all get used when requests per stream allow.
     #[arg(long, value_delimiter = ',', default_values_t = vec![0, 32])]
     pub adapters: Vec<usize>,
     /// Shape of the synthetic adapters, RANK:TARGETS (targets all-linear or joined by `+`, e.g.

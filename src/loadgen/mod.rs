@@ -47,7 +47,7 @@ pub struct LoadCase {
     /// Row label, e.g. `32 streams, 32 distinct r8 q,v`.
     pub label: String,
     pub streams: usize,
-    /// Model names, assigned to the clients round-robin (one name: all on it).
+    /// Model names, taken in turn by the case's requests (one name: all on it).
     pub models: Vec<String>,
 }
 
@@ -101,6 +101,16 @@ pub fn percentile(v: &mut [f64], q: f64) -> f64 {
     v[rank.clamp(1, v.len()) - 1]
 }
 
+/// The model of request `k` of client `c`: the names in turn over all requests of the case
+/// (round `k` continues where round `k - 1` stopped), so a case with more names than clients
+/// uses them all.
+fn model_of(models: &[String], streams: usize, c: usize, k: usize) -> String {
+    match models.len() {
+        0 => String::new(),
+        n => models[(c + k * streams) % n].clone(),
+    }
+}
+
 /// Runs one case: `case.streams` client threads start together, each sending
 /// `spec.requests_per_stream` requests in turn; `progress` advances per finished request.
 pub fn run_case(
@@ -115,8 +125,9 @@ pub fn run_case(
     let results: Arc<Mutex<Vec<Result<RequestTiming, String>>>> = Arc::default();
     let start = Arc::new(std::sync::Barrier::new(case.streams + 1));
     let mut handles = Vec::with_capacity(case.streams);
+    let case_streams = case.streams;
     for c in 0..case.streams {
-        let model = case.models[c % case.models.len().max(1)].clone();
+        let models = case.models.clone();
         let spec = spec.clone();
         let (results, start, progress) = (results.clone(), start.clone(), progress.clone());
         let first = order[c % order.len()];
@@ -125,7 +136,7 @@ pub fn run_case(
             start.wait();
             for k in 0..spec.requests_per_stream {
                 let req = ChatRequest {
-                    model: model.clone(),
+                    model: model_of(&models, case_streams, c, k),
                     prompt: format!(
                         "[ref {pass}.{c}.{k}] {}",
                         PROMPTS[(first + k) % PROMPTS.len()]
@@ -193,10 +204,15 @@ fn summarise(
         }
     }
     let distinct = {
-        let mut m = case.models.clone();
+        let mut m: Vec<String> = (0..case.streams)
+            .flat_map(|c| {
+                (0..spec.requests_per_stream)
+                    .map(move |k| model_of(&case.models, case.streams, c, k))
+            })
+            .collect();
         m.sort();
         m.dedup();
-        m.len().min(case.streams)
+        m.len()
     };
     CaseResult {
         label: case.label.clone(),
