@@ -205,3 +205,44 @@ fn server_on_the_gpu_answers_concurrent_adapters_as_alone_and_keeps_its_kv_budge
         seen["concurrent_seconds"]
     );
 }
+
+#[test]
+fn kv_blocks_preempt_and_recompute_on_the_gpu() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("tiny.gguf");
+    write_tiny_gguf_with(&model, "smollm", true, Some(TINY_CHAT_TEMPLATE));
+    let adapters = dir.path().join("adapters");
+    std::fs::create_dir_all(&adapters).unwrap();
+    // 7 blocks of 16 positions (the tiny model's f32 KV is 512 bytes a position): ~20-token
+    // prompts take 2 blocks, so three run at once and outgrow the pool.
+    let server = common::server::Server::start(&[
+        "--model",
+        model.to_str().unwrap(),
+        "--adapters-dir",
+        adapters.to_str().unwrap(),
+        "--device",
+        "cuda",
+        "--dtype",
+        "f32",
+        "--kv-cache-bytes",
+        "60000",
+    ]);
+    let long = |i: usize| {
+        let b = serde_json::json!({"model": "tiny", "max_tokens": 40, "ignore_eos": true,
+            "temperature": 0, "messages": [{"role": "user", "content": format!("tell me about {i}")}]});
+        let (code, body) = server.post("/v1/chat/completions", &b);
+        assert_eq!(code, 200, "{body}");
+        body["choices"][0]["message"]["content"].clone()
+    };
+    let alone: Vec<_> = (0..4).map(long).collect();
+    let together: Vec<_> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..4).map(|i| s.spawn(move || long(i))).collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert_eq!(together, alone);
+    let preemptions = server.metric("loraplex_preemptions_total");
+    assert!(preemptions > 0.0);
+    println!(
+        "GPUCHECK KV blocks (cuda, f32): 4 concurrent requests in 7 blocks equal alone after {preemptions} preemptions"
+    );
+}
