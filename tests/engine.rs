@@ -332,3 +332,34 @@ fn cached_prefixes_hold_pool_blocks_and_give_them_up_to_growing_sequences() {
     assert_eq!(collect(again).unwrap().len(), 10);
     assert_eq!(metrics.prefix_cache_hits.get(), 0);
 }
+
+/// Sequences that score their prompt (echo with logprobs), in a pool of 4 blocks, with prefill
+/// chunks of 3 tokens: the prompts (12, 12, 15 tokens) prefill one after another while the
+/// earlier ones decode, and when the second needs its second block the third is still
+/// prefilling, so it is preempted mid-prompt and starts its scoring over. Each sends its prompt
+/// logprobs once, and both they and its tokens equal what it gets alone.
+#[test]
+fn sequences_preempted_while_scoring_their_prompt_score_it_once_as_alone() {
+    let scored = |i: u32| EngineRequest {
+        prompt_logprobs: Some(2),
+        ..request(
+            (0..12 + 3 * (i / 2))
+                .map(|k| (k * 7 + i * 13) % 250 + 3)
+                .collect(),
+            30,
+        )
+    };
+    let unlimited = engine(None);
+    let alone: Vec<Scored> = (0..3)
+        .map(|i| collect_scored(unlimited.submit(scored(i)).unwrap()))
+        .collect();
+    let (e, metrics) = engine_with_config(EngineConfig {
+        kv_budget_bytes: Some(4 * 16 * 512),
+        prefill_chunk: 3,
+        ..EngineConfig::default()
+    });
+    let rxs: Vec<_> = (0..3).map(|i| e.submit(scored(i)).unwrap()).collect();
+    let got: Vec<Scored> = rxs.into_iter().map(collect_scored).collect();
+    assert_eq!(got, alone);
+    assert!(metrics.preemptions.get() > 0);
+}
