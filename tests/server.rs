@@ -181,6 +181,17 @@ fn official_openai_client_against_the_tiny_model() {
     let server = f.serve(&[]);
     let seen = server.run_openai_client(BASE, "all-r8");
     assert!(seen["models"].as_array().unwrap().len() >= 5, "{seen}");
+    // Without --kv-cache-bytes the CPU server still has a KV budget: half the host memory
+    // available (Linux reports it), in blocks of 16 positions of 512 bytes each.
+    #[cfg(target_os = "linux")]
+    {
+        let blocks = server.metric("loraplex_kv_blocks_total");
+        let available = loraplex::runtime::device::host_memory_available().unwrap() as f64;
+        assert!(
+            blocks > 0.0 && blocks * 16.0 * 512.0 <= available,
+            "{blocks}"
+        );
+    }
 }
 
 #[test]

@@ -33,7 +33,8 @@ pub struct ServeArgs {
     pub dtype: Option<DtypeSpec>,
     /// Byte budget of all running KV caches, as blocks of 16 positions taken as sequences grow
     /// (requests wait while it is full; the newest sequence is preempted and recomputed when it
-    /// runs dry). Default: 90% of free GPU memory after loading on a GPU, unlimited on the CPU
+    /// runs dry). Default: 90% of free GPU memory after loading on a GPU; on the CPU half the
+    /// host memory available after loading (cgroup limit included)
     #[arg(long)]
     pub kv_cache_bytes: Option<u64>,
     /// Folder of PEFT adapters (each subfolder is one, named by the folder). Default: adapters

@@ -18,8 +18,10 @@ pub const BLOCK_POSITIONS: usize = 16;
 #[derive(Debug)]
 pub struct KvBlocks {
     total: usize,
-    /// Ids of the free blocks (the most recently freed last, reused first).
-    free: Vec<u32>,
+    /// Ids of blocks given back (the most recently freed last, reused first).
+    freed: Vec<u32>,
+    /// Ids from here to `total` were never handed out (so a big pool costs nothing up front).
+    fresh: usize,
 }
 
 impl KvBlocks {
@@ -34,7 +36,8 @@ impl KvBlocks {
         let total = total.min(u32::MAX as usize);
         Self {
             total,
-            free: (0..total as u32).rev().collect(),
+            freed: Vec::new(),
+            fresh: 0,
         }
     }
 
@@ -50,12 +53,12 @@ impl KvBlocks {
 
     /// Blocks no sequence holds.
     pub fn free(&self) -> usize {
-        self.free.len()
+        self.freed.len() + (self.total - self.fresh)
     }
 
     /// Blocks held by sequences.
     pub fn used(&self) -> usize {
-        self.total - self.free.len()
+        self.total - self.free()
     }
 
     /// Positions the whole pool holds.
@@ -67,17 +70,22 @@ impl KvBlocks {
     /// pool has too few free blocks.
     pub fn grow(&mut self, table: &mut Vec<u32>, positions: usize) -> bool {
         let want = Self::blocks_for(positions).saturating_sub(table.len());
-        if want > self.free.len() {
+        if want > self.free() {
             return false;
         }
-        let keep = self.free.len() - want;
-        table.extend(self.free.drain(keep..).rev());
+        let recycled = want.min(self.freed.len());
+        let keep = self.freed.len() - recycled;
+        table.extend(self.freed.drain(keep..).rev());
+        let new = want - recycled;
+        // `total` fits u32 (see `with_blocks`), so every fresh id does.
+        table.extend((self.fresh..self.fresh + new).map(|id| id as u32));
+        self.fresh += new;
         true
     }
 
     /// Gives every block of `table` back (the table is left empty).
     pub fn release(&mut self, table: &mut Vec<u32>) {
-        self.free.extend(table.drain(..).rev());
+        self.freed.extend(table.drain(..).rev());
     }
 }
 
@@ -121,7 +129,15 @@ mod tests {
         assert!(a.is_empty());
         assert_eq!((pool.free(), pool.used()), (3, 2));
         assert!(pool.grow(&mut b, 5 * 16));
+        let mut ids = b.clone();
+        ids.sort_unstable();
+        assert_eq!(ids, vec![0, 1, 2, 3, 4]);
         pool.release(&mut b);
         assert_eq!(pool.free(), 5);
+        // A pool of a billion blocks costs nothing until used.
+        let mut big = KvBlocks::with_blocks(1 << 30);
+        let mut t = Vec::new();
+        assert!(big.grow(&mut t, 3 * 16));
+        assert_eq!((t, big.used()), (vec![0, 1, 2], 3));
     }
 }

@@ -7,7 +7,7 @@
 //! - `vllm:kv_cache_usage_perc` and its older name `vllm:gpu_cache_usage_perc` (gauges, a
 //!   fraction: 1 = full). loraplex reports the KV blocks running sequences hold over the blocks
 //!   of the KV budget (blocks of cached prefixes count as free: they are reclaimed on demand, as
-//!   in vLLM); without a budget (the CPU default) the running sequences over
+//!   in vLLM); without a budget (no memory figure for the device) the running sequences over
 //!   `max_batch_size`;
 //! - `vllm:num_preemptions_total` (counter): sequences preempted when KV blocks ran out;
 //! - `vllm:lora_requests_info` (gauge, one series): labels `running_lora_adapters` and

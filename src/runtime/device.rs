@@ -117,6 +117,39 @@ pub fn memory_info(device: &Device) -> Result<Option<(usize, usize)>> {
     }
 }
 
+/// Host memory a process may still take: `MemAvailable` from `/proc/meminfo`, or less when a
+/// cgroup v2 limit (`/sys/fs/cgroup/memory.max` minus `memory.current`) leaves less. `None` where
+/// neither can be read (not Linux).
+pub fn host_memory_available() -> Option<usize> {
+    let read = |p: &str| std::fs::read_to_string(p).ok();
+    let meminfo = read("/proc/meminfo").and_then(|t| mem_available(&t));
+    let cgroup = match (
+        read("/sys/fs/cgroup/memory.max"),
+        read("/sys/fs/cgroup/memory.current"),
+    ) {
+        (Some(max), Some(current)) => cgroup_headroom(&max, &current),
+        _ => None,
+    };
+    match (meminfo, cgroup) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
+/// `MemAvailable` of a `/proc/meminfo` text, in bytes.
+fn mem_available(meminfo: &str) -> Option<usize> {
+    let line = meminfo.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kb: usize = line.split_whitespace().nth(1)?.parse().ok()?;
+    kb.checked_mul(1024)
+}
+
+/// What a cgroup v2 limit leaves (`max` minus `current`); `None` when unlimited (`max`).
+fn cgroup_headroom(max: &str, current: &str) -> Option<usize> {
+    let max: usize = max.trim().parse().ok()?;
+    let current: usize = current.trim().parse().ok()?;
+    Some(max.saturating_sub(current))
+}
+
 /// A short name for a device, as the first stdout line and `info` show it.
 pub fn describe(device: &Device) -> String {
     match device {
@@ -198,6 +231,23 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("needs a GPU"), "{err}");
+    }
+
+    #[test]
+    fn host_memory_comes_from_meminfo_and_the_cgroup_limit() {
+        let meminfo =
+            "MemTotal:       32000000 kB\nMemFree: 1000 kB\nMemAvailable:   24212588 kB\n";
+        assert_eq!(mem_available(meminfo), Some(24212588 * 1024));
+        assert_eq!(mem_available("MemTotal: 5 kB\n"), None);
+        assert_eq!(
+            cgroup_headroom("4294967296\n", "1073741824\n"),
+            Some(3 << 30)
+        );
+        assert_eq!(cgroup_headroom("max\n", "1073741824\n"), None);
+        assert_eq!(cgroup_headroom("100", "200"), Some(0));
+        // On Linux at least /proc/meminfo is there.
+        #[cfg(target_os = "linux")]
+        assert!(host_memory_available().is_some_and(|b| b > 0));
     }
 
     #[cfg(not(feature = "cuda"))]

@@ -24,8 +24,9 @@ pub struct ServeConfig {
     pub device: DeviceSpec,
     /// `"auto"` (bf16 on a GPU, f32 on the CPU), `"bf16"`, `"f16"`, `"f32"`.
     pub dtype: DtypeSpec,
-    /// Byte budget of all running sequences' KV caches (unset: 90% of free GPU memory after
-    /// loading on a GPU, unlimited on the CPU). A request whose cache cannot fit waits.
+    /// Byte budget of all running sequences' KV caches, in blocks of 16 positions (unset: 90% of
+    /// free GPU memory after loading on a GPU, half the available host memory on the CPU). A
+    /// request waits while its prompt's blocks are not free.
     pub kv_cache_bytes: Option<u64>,
     pub host: String,
     pub port: u16,

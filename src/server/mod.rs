@@ -160,13 +160,20 @@ pub fn router(state: Shared) -> Router {
         .with_state(state)
 }
 
-/// The KV budget: as configured, else 90% of the device memory free after loading (the rest
-/// stays for activations and adapters), else (CPU) none.
+/// The KV budget: as configured; else on a GPU 90% of the device memory free after loading
+/// (the rest stays for activations and adapters); else on the CPU half the host memory still
+/// available after loading (the rest stays for adapters, activations and everything else on the
+/// machine), so that many long sequences make the newest wait or be preempted instead of the
+/// process being killed; else (no figure) none.
 fn kv_budget(cfg: &ServeConfig, model: &crate::model::LoadedModel) -> Result<Option<usize>> {
     if let Some(b) = cfg.kv_cache_bytes {
         return Ok(Some(usize::try_from(b).unwrap_or(usize::MAX)));
     }
-    let free = crate::runtime::device::memory_info(model.llama.device())?;
+    let device = model.llama.device();
+    if device.is_cpu() {
+        return Ok(crate::runtime::device::host_memory_available().map(|b| b / 2));
+    }
+    let free = crate::runtime::device::memory_info(device)?;
     Ok(free.map(|(free, _total)| free / 10 * 9))
 }
 
@@ -234,13 +241,18 @@ pub async fn build_state(cfg: &ServeConfig) -> Result<Shared> {
         engine_metrics = engine_metrics.with_vllm(&metrics.registry, cfg.max_batch_size)?;
     }
     let engine_metrics = Arc::new(engine_metrics);
+    let kv_budget_bytes = kv_budget(cfg, &model)?;
+    match kv_budget_bytes {
+        Some(b) => tracing::info!("KV budget: {:.1} MB", b as f64 / 1e6),
+        None => tracing::info!("KV budget: none (no memory figure for this device)"),
+    }
     let engine = EngineHandle::start(
         model.clone(),
         EngineConfig {
             max_batch_size: cfg.max_batch_size,
             max_waiting: cfg.max_waiting,
             prefill_chunk: cfg.prefill_chunk,
-            kv_budget_bytes: kv_budget(cfg, &model)?,
+            kv_budget_bytes,
             prefix_cache_bytes: usize::try_from(cfg.prefix_cache_bytes).unwrap_or(usize::MAX),
         },
         engine_metrics.clone(),
