@@ -243,7 +243,19 @@ pub async fn build_state(cfg: &ServeConfig) -> Result<Shared> {
     let engine_metrics = Arc::new(engine_metrics);
     let kv_budget_bytes = kv_budget(cfg, &model)?;
     match kv_budget_bytes {
-        Some(b) => tracing::info!("KV budget: {:.1} MB", b as f64 / 1e6),
+        Some(b) => {
+            let pool = crate::engine::KvBlocks::for_budget(
+                b,
+                crate::engine::kv_bytes_per_position(&model),
+            );
+            tracing::info!(
+                "KV budget: {:.1} MB, {} blocks of {} positions ({} positions)",
+                b as f64 / 1e6,
+                pool.total(),
+                crate::engine::BLOCK_POSITIONS,
+                pool.capacity_positions()
+            )
+        }
         None => tracing::info!("KV budget: none (no memory figure for this device)"),
     }
     let engine = EngineHandle::start(
