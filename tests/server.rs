@@ -233,6 +233,17 @@ fn kv_budget_makes_requests_wait_preempts_when_blocks_run_out_and_refuses_what_n
     );
     assert_eq!(chat(8).0, 200);
     assert!(server.metric("loraplex_device_memory_bytes{kind=\"weights\"}") > 0.0);
+    // Without max_tokens an answer may run to the context's end (256), which this budget cannot
+    // hold; it runs to where the budget ends (112 positions) instead of being refused.
+    let b = json!({"model": BASE, "messages": [{"role": "user", "content": "hi"}],
+        "ignore_eos": true});
+    let (code, body) = server.post("/v1/chat/completions", &b);
+    assert_eq!(code, 200, "{body}");
+    let usage = &body["usage"];
+    let total =
+        usage["prompt_tokens"].as_u64().unwrap() + usage["completion_tokens"].as_u64().unwrap();
+    assert_eq!(total, 112, "{body}");
+    assert_eq!(body["choices"][0]["finish_reason"], "length");
     // 7 blocks of 16 positions; ~20-token prompts take 2 blocks each, so three run at once and
     // grow to 4: the newest are preempted and recomputed, and each answer is what it is alone.
     assert_eq!(server.metric("loraplex_kv_blocks_total"), 7.0);

@@ -214,6 +214,14 @@ impl EngineHandle {
         Ok(erx)
     }
 
+    /// Positions the whole KV budget holds (`None`: no budget): the most one sequence's prompt
+    /// plus `max_tokens` may take.
+    pub fn kv_capacity(&self) -> Option<usize> {
+        self.kv_budget_bytes.map(|b| {
+            KvBlocks::for_budget(b, kv_bytes_per_position(&self.model)).capacity_positions()
+        })
+    }
+
     /// Sequences waiting for a batch slot.
     pub fn waiting(&self) -> usize {
         self.waiting.load(Ordering::SeqCst)

@@ -178,6 +178,7 @@ async fn chat_inner(
             logprobs,
         )
         .map_err(&fail)?;
+    let params = fit_default_to_kv(state, max, prompt_ids.len(), params);
     let job = Job {
         flavor: Flavor::Chat,
         echo: None,
@@ -189,6 +190,23 @@ async fn chat_inner(
     run(state, &req.common, prompt_ids, params, resolved.lora, job)
         .await
         .map_err(fail)
+}
+
+/// A `max_tokens` the client left out runs to the context's end (or the model's default); where
+/// the KV budget holds fewer positions than that, it ends where the budget does, instead of the
+/// request being refused for a limit the client never set.
+fn fit_default_to_kv(
+    state: &Shared,
+    given: Option<i64>,
+    prompt_len: usize,
+    mut params: GenerationParams,
+) -> GenerationParams {
+    if given.is_none() {
+        if let Some(cap) = state.engine.kv_capacity().filter(|&c| c > prompt_len) {
+            params.max_tokens = params.max_tokens.min(cap - prompt_len);
+        }
+    }
+    params
 }
 
 async fn completion_inner(
@@ -263,6 +281,7 @@ async fn completion_inner(
             req.logprobs.is_some(),
         )
         .map_err(&fail)?;
+    let params = fit_default_to_kv(state, req.common.max_tokens, prompt_ids.len(), params);
     let job = Job {
         flavor: Flavor::Completion,
         echo: echo.then_some(prompt_text),
