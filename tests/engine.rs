@@ -363,3 +363,40 @@ fn sequences_preempted_while_scoring_their_prompt_score_it_once_as_alone() {
     assert_eq!(got, alone);
     assert!(metrics.preemptions.get() > 0);
 }
+
+/// Three prompts sharing a 50-token prefix (a system prompt, say) arrive together, before any
+/// cache holds it: the second and third wait for the first one's prefill and then start after
+/// the shared part, taken from the prefix cache; the answers are what each gets alone.
+#[test]
+fn a_burst_sharing_a_long_prefix_prefills_it_once() {
+    let shared: Vec<u32> = (0..50).map(|k| (k * 11) % 250 + 3).collect();
+    let prompts: Vec<Vec<u32>> = (0..3u32)
+        .map(|i| {
+            shared
+                .iter()
+                .copied()
+                .chain([200 + i, 7, 8, 9, 10])
+                .collect()
+        })
+        .collect();
+    let (alone_engine, _) = engine_with_config(EngineConfig {
+        prefix_cache_bytes: 0,
+        ..EngineConfig::default()
+    });
+    let alone: Vec<Vec<u32>> = prompts
+        .iter()
+        .map(|p| collect(alone_engine.submit(request(p.clone(), 6)).unwrap()).unwrap())
+        .collect();
+    let (e, metrics) = engine_with_config(EngineConfig {
+        prefill_chunk: 4,
+        ..EngineConfig::default()
+    });
+    let rxs: Vec<_> = prompts
+        .iter()
+        .map(|p| e.submit(request(p.clone(), 6)).unwrap())
+        .collect();
+    let got: Vec<Vec<u32>> = rxs.into_iter().map(|rx| collect(rx).unwrap()).collect();
+    assert_eq!(got, alone);
+    assert_eq!(metrics.prefix_cache_hits.get(), 2);
+    assert_eq!(metrics.prefix_cache_reused_tokens.get(), 2 * 50);
+}

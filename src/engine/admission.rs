@@ -5,7 +5,7 @@
 
 use super::kv_memory::KvMemory;
 use super::metrics::EngineMetrics;
-use super::prefix_cache::{PrefixCache, PrefixHit, StackKey};
+use super::prefix_cache::{common_prefix, PrefixCache, PrefixHit, StackKey};
 use super::running::Running;
 use super::{kv_positions, EngineConfig, EngineEvent, Submission};
 use crate::generate::SequenceState;
@@ -76,6 +76,7 @@ pub(super) fn admit(
                     cache: KvCache::new(model.llama.cfg.num_hidden_layers, positions),
                     blocks: Vec::new(),
                     prefilled: 0,
+                    loaded: 0,
                     next: None,
                     last_token_at: None,
                     prompt_lp: Vec::new(),
@@ -104,6 +105,7 @@ pub(super) fn preempt(mem: &mut KvMemory, mut r: Running) -> Running {
     mem.release(&mut r);
     r.cache = r.cache.empty_like();
     r.prefilled = 0;
+    r.loaded = 0;
     r.next = None;
     if r.first_pass() {
         r.prompt_lp.clear();
@@ -119,25 +121,35 @@ pub(super) fn preempt(mem: &mut KvMemory, mut r: Running) -> Running {
 /// The longest cached prefix of what `r` fills under its stack (none when it scores its
 /// prompt: every prompt token needs its row then).
 fn find_prefix(prefixes: &mut PrefixCache, r: &Running) -> Option<PrefixHit> {
-    if r.first_pass() && r.sub.req.prompt_logprobs.is_some() {
+    if r.scores_prompt() {
         return None;
     }
     prefixes.lookup(&r.key, r.fill())
 }
 
-/// Starts `r`'s prefill after the cached prefix `hit` (copied into its cache).
+/// Starts `r`'s prefill after the cached prefix `hit` (copied into its cache), unless it already
+/// starts as far in.
 fn load_prefix(r: &mut Running, hit: Option<PrefixHit>, metrics: &EngineMetrics) {
-    let Some(hit) = hit else {
+    let Some(hit) = hit.filter(|h| h.len > r.prefilled) else {
         return;
     };
+    let before = r.prefilled;
+    if before > 0 {
+        r.cache = r.cache.empty_like();
+        (r.prefilled, r.loaded) = (0, 0);
+    }
     match hit.load_into(&mut r.cache) {
         Ok(()) => {
-            r.prefilled = hit.len;
+            (r.prefilled, r.loaded) = (hit.len, hit.len);
             if r.first_pass() {
                 r.cached_tokens = hit.len;
             }
-            metrics.prefix_cache_hits.inc();
-            metrics.prefix_cache_reused_tokens.inc_by(hit.len as u64);
+            if before == 0 {
+                metrics.prefix_cache_hits.inc();
+            }
+            metrics
+                .prefix_cache_reused_tokens
+                .inc_by((hit.len - before) as u64);
         }
         Err(e) => {
             // Device memory, say: prefill it all in a fresh cache instead.
@@ -147,16 +159,58 @@ fn load_prefix(r: &mut Running, hit: Option<PrefixHit>, metrics: &EngineMetrics)
     }
 }
 
+/// Prompt tokens a sequence must gain from an earlier one's prefill to wait for it.
+const SHARE_MIN_TOKENS: usize = 16;
+
+/// Sequences admitted together often share a prefix (a system prompt, the chat template's
+/// start) that no cache holds yet. A sequence whose prefill has not started waits while an
+/// earlier sequence under the same adapters is still prefilling a prompt that shares at least
+/// [`SHARE_MIN_TOKENS`] more tokens with its own than it already has, and at least half of what
+/// that one still has to prefill (so nobody waits long for a little). That prefill's completion
+/// puts the prompt in the prefix cache, and [`reuse_late`] then starts the waiting one after
+/// the shared part. Without a prefix cache, never.
+fn waits_for_shared_prefix(earlier: &[Running], r: &Running, sharing: bool) -> bool {
+    if !sharing || !r.not_started() || r.scores_prompt() {
+        return false;
+    }
+    earlier.iter().any(|a| {
+        if a.next.is_some() || a.scores_prompt() || !a.key.same(&r.key) {
+            return false;
+        }
+        let shared = common_prefix(a.fill(), r.fill()).min(r.fill().len().saturating_sub(1));
+        let gain = shared.saturating_sub(r.prefilled);
+        let left = a.fill().len() - a.prefilled;
+        gain >= SHARE_MIN_TOKENS && 2 * gain >= left
+    })
+}
+
+/// Before each step: a sequence whose prefill has not started takes the longest cached prefix
+/// again (an earlier sequence's prefill may have just put its prompt there).
+pub(super) fn reuse_late(running: &mut [Running], mem: &mut KvMemory, metrics: &EngineMetrics) {
+    if !mem.prefixes.enabled() {
+        return;
+    }
+    for r in running.iter_mut().filter(|r| r.not_started()) {
+        let hit = find_prefix(&mut mem.prefixes, r);
+        load_prefix(r, hit, metrics);
+    }
+}
+
 /// Each running sequence's tokens for this step (index, tokens, whether they complete its
 /// prefill): one token for each decoding sequence, prefill chunks within `prefill_chunk` tokens
-/// over all the others, in arrival order.
-pub(super) fn plan(running: &[Running], prefill_chunk: usize) -> Vec<(usize, Vec<u32>, bool)> {
+/// over all the others, in arrival order, skipping those that wait for a shared prefix
+/// (`sharing`: a prefix cache is on).
+pub(super) fn plan(
+    running: &[Running],
+    prefill_chunk: usize,
+    sharing: bool,
+) -> Vec<(usize, Vec<u32>, bool)> {
     let mut budget = prefill_chunk.max(1);
     let mut plan = Vec::new();
     for (i, r) in running.iter().enumerate() {
         if let Some(t) = r.next {
             plan.push((i, vec![t], true));
-        } else if budget > 0 {
+        } else if budget > 0 && !waits_for_shared_prefix(&running[..i], r, sharing) {
             let fill = r.fill();
             let n = (fill.len() - r.prefilled).min(budget);
             budget -= n;
@@ -179,8 +233,9 @@ pub(super) fn plan_with_blocks(
     preempted: &mut VecDeque<Running>,
     metrics: &EngineMetrics,
 ) -> Vec<(usize, Vec<u32>, bool)> {
+    let sharing = mem.prefixes.enabled();
     loop {
-        let plan = plan(running, prefill_chunk);
+        let plan = plan(running, prefill_chunk, sharing);
         let short = plan.iter().any(|(i, toks, _)| {
             let r = &mut running[*i];
             let end = r.cache.len() + toks.len();

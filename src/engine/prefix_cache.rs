@@ -31,7 +31,8 @@ impl StackKey {
         }))
     }
 
-    fn same(&self, other: &Self) -> bool {
+    /// The same loaded adapters with the same weights, in order (or both the base).
+    pub fn same(&self, other: &Self) -> bool {
         self.0.len() == other.0.len()
             && self
                 .0
@@ -76,7 +77,8 @@ pub struct PrefixCache {
     clock: u64,
 }
 
-fn common_prefix(a: &[u32], b: &[u32]) -> usize {
+/// How many leading tokens `a` and `b` share.
+pub(super) fn common_prefix(a: &[u32], b: &[u32]) -> usize {
     a.iter().zip(b).take_while(|(x, y)| x == y).count()
 }
 
@@ -88,6 +90,11 @@ impl PrefixCache {
             cap: cap_bytes,
             clock: 0,
         }
+    }
+
+    /// Whether it keeps anything (a cap above 0).
+    pub fn enabled(&self) -> bool {
+        self.cap > 0
     }
 
     /// Bytes held by the entries.

@@ -14,6 +14,9 @@ pub(super) struct Running {
     pub(super) cache: KvCache,
     /// Tokens of [`Running::fill`] already in the cache.
     pub(super) prefilled: usize,
+    /// Of those, the ones loaded from the prefix cache (its prefill has not run while
+    /// `prefilled == loaded`).
+    pub(super) loaded: usize,
     /// The token to feed next (after prefill).
     pub(super) next: Option<u32>,
     pub(super) last_token_at: Option<Instant>,
@@ -39,5 +42,15 @@ impl Running {
     /// Nothing generated yet (the prompt's logprobs and first-token events are still to come).
     pub(super) fn first_pass(&self) -> bool {
         self.state.ids.is_empty()
+    }
+
+    /// Admitted, but none of its prefill has run yet (a cached prefix may have been loaded).
+    pub(super) fn not_started(&self) -> bool {
+        self.next.is_none() && self.prefilled == self.loaded
+    }
+
+    /// Scores its prompt: every prompt token needs its row, so nothing comes from the cache.
+    pub(super) fn scores_prompt(&self) -> bool {
+        self.first_pass() && self.sub.req.prompt_logprobs.is_some()
     }
 }

@@ -1,6 +1,6 @@
 //! The scheduler loop (runs on its own thread): admit, batch, forward, sample, stream, retire.
 
-use super::admission::{admit, plan_with_blocks};
+use super::admission::{admit, plan_with_blocks, reuse_late};
 use super::kv_blocks::KvBlocks;
 use super::kv_memory::KvMemory;
 use super::metrics::EngineMetrics;
@@ -172,6 +172,7 @@ fn step(
     preempted: &mut VecDeque<Running>,
     metrics: &EngineMetrics,
 ) {
+    reuse_late(running, mem, metrics);
     let plan = plan_with_blocks(running, cfg.prefill_chunk, mem, preempted, metrics);
     if plan.is_empty() {
         return;
