@@ -147,16 +147,19 @@ pub struct EngineHandle {
     tx: mpsc::Sender<Submission>,
     waiting: Arc<AtomicUsize>,
     max_waiting: usize,
-    kv_budget_bytes: Option<usize>,
+    /// Positions the KV budget's blocks hold (`None`: no budget).
+    kv_capacity: Option<usize>,
     model: Arc<LoadedModel>,
 }
 
 impl EngineHandle {
     /// Starts the scheduler thread for `model`.
     pub fn start(model: Arc<LoadedModel>, cfg: EngineConfig, metrics: Arc<EngineMetrics>) -> Self {
-        if let Some(b) = cfg.kv_budget_bytes {
-            let pool = KvBlocks::for_budget(b, kv_bytes_per_position(&model));
-            metrics.kv_blocks_total.set(pool.total() as i64);
+        let pool = cfg
+            .kv_budget_bytes
+            .map(|b| KvBlocks::for_budget(b, kv_bytes_per_position(&model)));
+        if let Some(p) = &pool {
+            metrics.kv_blocks_total.set(p.total() as i64);
         }
         let (tx, rx) = mpsc::channel();
         let waiting = Arc::new(AtomicUsize::new(0));
@@ -164,12 +167,12 @@ impl EngineHandle {
             tx,
             waiting: waiting.clone(),
             max_waiting: cfg.max_waiting,
-            kv_budget_bytes: cfg.kv_budget_bytes,
+            kv_capacity: pool.as_ref().map(KvBlocks::capacity_positions),
             model: model.clone(),
         };
         std::thread::Builder::new()
             .name("loraplex-scheduler".into())
-            .spawn(move || scheduler::run(model, cfg, rx, waiting, metrics))
+            .spawn(move || scheduler::run(model, cfg, pool, rx, waiting, metrics))
             .map(|_| ())
             .unwrap_or_else(|e| tracing::error!("cannot start the scheduler thread: {e}"));
         handle
@@ -185,10 +188,9 @@ impl EngineHandle {
         &self,
         req: EngineRequest,
     ) -> Result<tmpsc::UnboundedReceiver<EngineEvent>, SubmitError> {
-        if let Some(budget) = self.kv_budget_bytes {
+        if let Some(pool) = self.kv_capacity {
             let per_position = kv_bytes_per_position(&self.model);
             let positions = kv_positions(&self.model, &req);
-            let pool = KvBlocks::for_budget(budget, per_position).capacity_positions();
             if positions > pool {
                 return Err(SubmitError::KvTooLarge {
                     need: positions * per_position,
@@ -217,9 +219,7 @@ impl EngineHandle {
     /// Positions the whole KV budget holds (`None`: no budget): the most one sequence's prompt
     /// plus `max_tokens` may take.
     pub fn kv_capacity(&self) -> Option<usize> {
-        self.kv_budget_bytes.map(|b| {
-            KvBlocks::for_budget(b, kv_bytes_per_position(&self.model)).capacity_positions()
-        })
+        self.kv_capacity
     }
 
     /// Sequences waiting for a batch slot.

@@ -7,7 +7,7 @@ use super::metrics::EngineMetrics;
 use super::prefix_cache::PrefixCache;
 use super::running::Running;
 use super::vllm_metrics::VllmSnapshot;
-use super::{kv_bytes_per_position, EngineConfig, EngineEvent, Submission};
+use super::{EngineConfig, EngineEvent, Submission};
 use crate::model::LoadedModel;
 use crate::runtime::{Backend, LogitsMode, SeqInput};
 use crate::sampling::logprobs;
@@ -20,6 +20,7 @@ use std::time::Instant;
 pub(super) fn run(
     model: Arc<LoadedModel>,
     cfg: EngineConfig,
+    pool: Option<KvBlocks>,
     rx: mpsc::Receiver<Submission>,
     waiting_count: Arc<AtomicUsize>,
     metrics: Arc<EngineMetrics>,
@@ -28,9 +29,6 @@ pub(super) fn run(
     // Preempted sequences, oldest first; they return before any new submission.
     let mut preempted: VecDeque<Running> = VecDeque::new();
     let mut running: Vec<Running> = Vec::new();
-    let pool = cfg
-        .kv_budget_bytes
-        .map(|b| KvBlocks::for_budget(b, kv_bytes_per_position(&model)));
     let mut mem = KvMemory::new(pool, PrefixCache::new(cfg.prefix_cache_bytes));
     // The backend is fixed by the model's device; it says how many rows one forward call holds.
     let row_budget = match Backend::of(model.llama.device()) {

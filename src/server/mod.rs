@@ -242,22 +242,6 @@ pub async fn build_state(cfg: &ServeConfig) -> Result<Shared> {
     }
     let engine_metrics = Arc::new(engine_metrics);
     let kv_budget_bytes = kv_budget(cfg, &model)?;
-    match kv_budget_bytes {
-        Some(b) => {
-            let pool = crate::engine::KvBlocks::for_budget(
-                b,
-                crate::engine::kv_bytes_per_position(&model),
-            );
-            tracing::info!(
-                "KV budget: {:.1} MB, {} blocks of {} positions ({} positions)",
-                b as f64 / 1e6,
-                pool.total(),
-                crate::engine::BLOCK_POSITIONS,
-                pool.capacity_positions()
-            )
-        }
-        None => tracing::info!("KV budget: none (no memory figure for this device)"),
-    }
     let engine = EngineHandle::start(
         model.clone(),
         EngineConfig {
@@ -269,6 +253,15 @@ pub async fn build_state(cfg: &ServeConfig) -> Result<Shared> {
         },
         engine_metrics.clone(),
     );
+    match (kv_budget_bytes, engine.kv_capacity()) {
+        (Some(b), Some(positions)) => tracing::info!(
+            "KV budget: {:.1} MB, {} blocks of {} positions ({positions} positions)",
+            b as f64 / 1e6,
+            positions / crate::engine::BLOCK_POSITIONS,
+            crate::engine::BLOCK_POSITIONS,
+        ),
+        _ => tracing::info!("KV budget: none (no memory figure for this device)"),
+    }
     let started = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
