@@ -176,25 +176,36 @@ fn a_model_that_does_not_fit_is_an_error() {
     );
 }
 
-#[test]
-fn server_on_the_gpu_answers_concurrent_adapters_as_alone_and_keeps_its_kv_budget() {
-    let dir = tempfile::tempdir().unwrap();
-    let model = dir.path().join("tiny.gguf");
+/// `loraplex serve` on the GPU in f32 with the tiny model (named `tiny`, with its chat template)
+/// in `dir`, `adapters` synthetic adapters (their names returned) and `extra` arguments.
+fn tiny_gpu_server(
+    dir: &std::path::Path,
+    adapters: usize,
+    extra: &[&str],
+) -> (common::server::Server, Vec<String>) {
+    let model = dir.join("tiny.gguf");
     write_tiny_gguf_with(&model, "smollm", true, Some(TINY_CHAT_TEMPLATE));
-    let adapters = dir.path().join("adapters");
-    let names = many_adapters(&adapters, 16);
-    let server = common::server::Server::start(&[
+    let folder = dir.join("adapters");
+    std::fs::create_dir_all(&folder).unwrap();
+    let names = many_adapters(&folder, adapters);
+    let mut args = vec![
         "--model",
         model.to_str().unwrap(),
         "--adapters-dir",
-        adapters.to_str().unwrap(),
+        folder.to_str().unwrap(),
         "--device",
         "cuda",
         "--dtype",
         "f32",
-        "--max-batch-size",
-        "32",
-    ]);
+    ];
+    args.extend_from_slice(extra);
+    (common::server::Server::start(&args), names)
+}
+
+#[test]
+fn server_on_the_gpu_answers_concurrent_adapters_as_alone_and_keeps_its_kv_budget() {
+    let dir = tempfile::tempdir().unwrap();
+    let (server, names) = tiny_gpu_server(dir.path(), 16, &["--max-batch-size", "32"]);
     let seen = server.run_python("openai_concurrent.py", &["tiny", &names.join(","), "32"]);
     assert_eq!(seen["equal"], true, "{seen}");
     let weights = server.metric("loraplex_device_memory_bytes{kind=\"weights\"}");
@@ -209,36 +220,10 @@ fn server_on_the_gpu_answers_concurrent_adapters_as_alone_and_keeps_its_kv_budge
 #[test]
 fn kv_blocks_preempt_and_recompute_on_the_gpu() {
     let dir = tempfile::tempdir().unwrap();
-    let model = dir.path().join("tiny.gguf");
-    write_tiny_gguf_with(&model, "smollm", true, Some(TINY_CHAT_TEMPLATE));
-    let adapters = dir.path().join("adapters");
-    std::fs::create_dir_all(&adapters).unwrap();
     // 7 blocks of 16 positions (the tiny model's f32 KV is 512 bytes a position): ~20-token
     // prompts take 2 blocks, so three run at once and outgrow the pool.
-    let server = common::server::Server::start(&[
-        "--model",
-        model.to_str().unwrap(),
-        "--adapters-dir",
-        adapters.to_str().unwrap(),
-        "--device",
-        "cuda",
-        "--dtype",
-        "f32",
-        "--kv-cache-bytes",
-        "60000",
-    ]);
-    let long = |i: usize| {
-        let b = serde_json::json!({"model": "tiny", "max_tokens": 40, "ignore_eos": true,
-            "temperature": 0, "messages": [{"role": "user", "content": format!("tell me about {i}")}]});
-        let (code, body) = server.post("/v1/chat/completions", &b);
-        assert_eq!(code, 200, "{body}");
-        body["choices"][0]["message"]["content"].clone()
-    };
-    let alone: Vec<_> = (0..4).map(long).collect();
-    let together: Vec<_> = std::thread::scope(|s| {
-        let handles: Vec<_> = (0..4).map(|i| s.spawn(move || long(i))).collect();
-        handles.into_iter().map(|h| h.join().unwrap()).collect()
-    });
+    let (server, _) = tiny_gpu_server(dir.path(), 0, &["--kv-cache-bytes", "60000"]);
+    let (alone, together) = server.answers_alone_and_together("tiny", 4, 40);
     assert_eq!(together, alone);
     let preemptions = server.metric("loraplex_preemptions_total");
     assert!(preemptions > 0.0);

@@ -247,18 +247,7 @@ fn kv_budget_makes_requests_wait_preempts_when_blocks_run_out_and_refuses_what_n
     // 7 blocks of 16 positions; ~20-token prompts take 2 blocks each, so three run at once and
     // grow to 4: the newest are preempted and recomputed, and each answer is what it is alone.
     assert_eq!(server.metric("loraplex_kv_blocks_total"), 7.0);
-    let long = |i: usize| {
-        let b = json!({"model": BASE, "max_tokens": 40, "ignore_eos": true, "temperature": 0,
-            "messages": [{"role": "user", "content": format!("tell me about {i}")}]});
-        let (code, body) = server.post("/v1/chat/completions", &b);
-        assert_eq!(code, 200, "{body}");
-        body["choices"][0]["message"]["content"].clone()
-    };
-    let alone: Vec<Value> = (0..4).map(long).collect();
-    let together: Vec<Value> = std::thread::scope(|s| {
-        let handles: Vec<_> = (0..4).map(|i| s.spawn(move || long(i))).collect();
-        handles.into_iter().map(|h| h.join().unwrap()).collect()
-    });
+    let (alone, together) = server.answers_alone_and_together(BASE, 4, 40);
     assert_eq!(together, alone);
     assert!(server.metric("loraplex_preemptions_total") > 0.0);
     assert_eq!(

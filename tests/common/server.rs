@@ -138,6 +138,30 @@ impl Server {
             .to_string()
     }
 
+    /// The answers of `n` greedy chat requests to `model` (`max_tokens` each, end-of-sequence
+    /// ignored, request i asks about i), sent one at a time and then all at once from threads.
+    pub fn answers_alone_and_together(
+        &self,
+        model: &str,
+        n: usize,
+        max_tokens: usize,
+    ) -> (Vec<Value>, Vec<Value>) {
+        let ask = |i: usize| {
+            let b = serde_json::json!({"model": model, "max_tokens": max_tokens,
+                "ignore_eos": true, "temperature": 0,
+                "messages": [{"role": "user", "content": format!("tell me about {i}")}]});
+            let (code, body) = self.post("/v1/chat/completions", &b);
+            assert_eq!(code, 200, "{body}");
+            body["choices"][0]["message"]["content"].clone()
+        };
+        let alone = (0..n).map(ask).collect();
+        let together = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..n).map(|i| s.spawn(move || ask(i))).collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        (alone, together)
+    }
+
     pub fn delete(&self, path: &str) -> (u16, Value) {
         respond(ureq::delete(&format!("{}{path}", self.url)).call())
     }
