@@ -10,15 +10,8 @@ BIN=$1 BUDGET=$2 NEW_TOKENS=$3
 shift 3
 CLIENT=${CLIENT:-target/release/loraplex}
 PORT=${PORT:-18181}
-ADAPTERS=$(mktemp -d)
-"$BIN" serve --port "$PORT" --adapters-dir "$ADAPTERS" --kv-cache-bytes "$BUDGET" \
-    > "$ADAPTERS/serve.log" 2>&1 &
-PID=$!
-trap 'kill $PID 2>/dev/null; wait $PID 2>/dev/null; rm -rf "$ADAPTERS"' EXIT
-for _ in $(seq 1 240); do
-    curl -sf "http://127.0.0.1:$PORT/health" > /dev/null && break
-    sleep 0.5
-done
+source "$(dirname "$0")/serve-in-background.sh"
+serve_in_background "$BIN" "$PORT" --kv-cache-bytes "$BUDGET"
 "$CLIENT" bench-serve --url "http://127.0.0.1:$PORT" --streams 32 --adapters 0 --passes 2 \
     --new-tokens "$NEW_TOKENS" "$@"
 curl -s "http://127.0.0.1:$PORT/metrics" | grep -E '^loraplex_(preemptions_total|kv_blocks_total)' || true

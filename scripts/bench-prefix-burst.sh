@@ -8,14 +8,8 @@
 set -euo pipefail
 BIN=$1 N=${2:-16}
 PORT=${PORT:-18182}
-ADAPTERS=$(mktemp -d)
-"$BIN" serve --port "$PORT" --adapters-dir "$ADAPTERS" > "$ADAPTERS/serve.log" 2>&1 &
-PID=$!
-trap 'kill $PID 2>/dev/null; wait $PID 2>/dev/null; rm -rf "$ADAPTERS"' EXIT
-for _ in $(seq 1 240); do
-    curl -sf "http://127.0.0.1:$PORT/health" > /dev/null && break
-    sleep 0.5
-done
+source "$(dirname "$0")/serve-in-background.sh"
+serve_in_background "$BIN" "$PORT"
 python3 - "http://127.0.0.1:$PORT" "$N" <<'EOF'
 import json, sys, threading, time, urllib.request
 url, n = sys.argv[1], int(sys.argv[2])
