@@ -12,6 +12,20 @@ use super::kv_blocks::{KvBlocks, BLOCK_POSITIONS};
 use super::prefix_cache::PrefixCache;
 use super::running::Running;
 
+/// Extends `table` past `positions` when it must grow: to a quarter more (at least one block
+/// more, at most the context's `max_len` positions), if that many blocks are free. False, with
+/// nothing taken, when the table already covers `positions`, when nothing more would be granted
+/// than `positions` needs, or when the extra blocks are not free.
+fn grow_ahead(pool: &mut KvBlocks, table: &mut Vec<u32>, positions: usize, max_len: usize) -> bool {
+    let ahead = (positions + (positions / 4).max(BLOCK_POSITIONS))
+        .min(max_len)
+        .max(positions);
+    let held = table.len() * BLOCK_POSITIONS;
+    positions > held
+        && KvBlocks::blocks_for(ahead) > KvBlocks::blocks_for(positions)
+        && pool.grow(table, ahead)
+}
+
 /// The pool (with a KV budget), the prefix cache, and the blocks that cache holds.
 pub(super) struct KvMemory {
     pool: Option<KvBlocks>,
@@ -56,7 +70,19 @@ impl KvMemory {
     /// Grants `r` the blocks that cover its first `positions` positions (evicting cached
     /// prefixes if needed) and caps its cache there; false, with nothing taken, when even an
     /// empty prefix cache leaves the pool short. Always true without a pool.
+    ///
+    /// A sequence that must grow is granted a quarter more than it needs (at least one block,
+    /// never past its context) when that many blocks are free: its cache's buffers are
+    /// reallocated and copied each time they outgrow their blocks, so growing block by block
+    /// would copy a long sequence's whole history every 16 positions. Those extra blocks come
+    /// only from free ones, never from evicted prefixes or preempted sequences.
     pub(super) fn grant(&mut self, r: &mut Running, positions: usize) -> bool {
+        if let Some(pool) = &mut self.pool {
+            if grow_ahead(pool, &mut r.blocks, positions, r.cache.max_len()) {
+                r.cache.set_limit(r.blocks.len() * BLOCK_POSITIONS);
+                return true;
+            }
+        }
         loop {
             let Some(pool) = &mut self.pool else {
                 return true;
@@ -110,5 +136,49 @@ impl KvMemory {
         }
         self.settle_prefixes();
         true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_growing_sequence_gets_blocks_ahead_while_the_pool_has_them() {
+        let mut pool = KvBlocks::with_blocks(1000);
+        let mut table = Vec::new();
+        let mut grants = 0;
+        // Decoding position by position to 8,000: a grant every quarter of the length, not
+        // every block (500 blocks), and never more than a quarter plus a block held unused.
+        for end in 1..=8000 {
+            if end > table.len() * BLOCK_POSITIONS {
+                assert!(grow_ahead(&mut pool, &mut table, end, 8192));
+                grants += 1;
+            }
+            assert!(table.len() * BLOCK_POSITIONS <= end + end / 4 + 2 * BLOCK_POSITIONS);
+        }
+        assert!(grants <= 30, "{grants} grants");
+        // Never past the context.
+        let mut pool = KvBlocks::with_blocks(1000);
+        let mut t = Vec::new();
+        assert!(!grow_ahead(&mut pool, &mut t, 8192, 8192));
+        assert!(t.is_empty());
+        assert!(grow_ahead(&mut pool, &mut t, 8100, 8192));
+        assert_eq!(t.len(), 8192 / BLOCK_POSITIONS);
+        // A table that already covers the positions takes nothing.
+        assert!(!grow_ahead(&mut pool, &mut t, 100, 8192));
+    }
+
+    #[test]
+    fn blocks_ahead_come_only_from_free_ones() {
+        let mut pool = KvBlocks::with_blocks(4);
+        let mut table = Vec::new();
+        // 60 positions need 4 blocks; 75 would need 5: nothing is taken, the exact grant is
+        // the caller's.
+        assert!(!grow_ahead(&mut pool, &mut table, 60, 1000));
+        assert!(table.is_empty());
+        assert_eq!(pool.free(), 4);
+        assert!(grow_ahead(&mut pool, &mut table, 20, 1000));
+        assert_eq!(table.len(), 3);
     }
 }
