@@ -1,8 +1,8 @@
 //! The GPU check (built with `--features cuda`; run by `scripts/gpu-check.sh` on the GPU machine,
 //! where a missing GPU is a failure): the HF+PEFT goldens on the GPU in f32 and bf16, greedy
 //! ids of a SmolLM2-shape model on the GPU against the CPU (base, adapter, stack, merge), the
-//! per-row LoRA and decode-attention kernels against their CPU references, the server with the
-//! openai client, and refusals of what cannot fit.
+//! per-row LoRA, decode-attention and paged decode-attention kernels against their CPU
+//! references, the server with the openai client, and refusals of what cannot fit.
 //! Each test prints one `GPUCHECK name: figures` line that the script collects into its table.
 #![cfg(feature = "cuda")]
 
@@ -141,6 +141,74 @@ fn decode_attention_kernels_match_their_cpu_reference() {
     }
     println!(
         "GPUCHECK decode attention + KV append (64 rows, lengths 1-1500, GQA) max rel err:{line}"
+    );
+}
+
+#[test]
+fn paged_decode_attention_matches_its_cpu_reference() {
+    use loraplex::runtime::decode_attention::{decode_attention, KvBuffers};
+    use loraplex::runtime::paged_kv::{self as pk, PagedKv};
+    let dev = gpu();
+    let mut line = String::new();
+    for dtype in [DType::F32, DType::BF16, DType::F16] {
+        let tol = pk::tolerance(dtype);
+        let mut worst = 0f32;
+        for seed in 0..2 {
+            let e = pk::check_against_reference(&dev, dtype, seed).unwrap();
+            assert!(
+                e <= tol,
+                "{dtype:?} seed {seed}: max relative error {e} > {tol}"
+            );
+            worst = worst.max(e);
+        }
+        line.push_str(&format!(" {dtype:?} {worst:.1e};"));
+    }
+    // Time against the per-buffer kernel on the decode batch (64 rows, lengths 1-1500, GQA
+    // 32/8, hd 128, bf16; blocks of 16 in shuffled order). Printed, not asserted.
+    let len: Vec<usize> = (0..64).map(|i| 1 + (i * 7919) % 1500).collect();
+    let (nh, nkv, hd, bs) = (32, 8, 128, 16);
+    let bufs: Vec<_> = (len.iter())
+        .map(|&l| {
+            let z = || candle_core::Tensor::zeros((nkv, l, hd), DType::BF16, &dev).unwrap();
+            (z(), z())
+        })
+        .collect();
+    let views: Vec<_> = bufs.iter().map(|(k, v)| KvBuffers { k, v }).collect();
+    let blocks: usize = len.iter().map(|l| l.div_ceil(bs)).sum();
+    // Every block once, out of order: the even ids, then the odd ones.
+    let n = blocks as u32;
+    let ids: Vec<u32> = (0..n).step_by(2).chain((1..n).step_by(2)).collect();
+    let mut rest = &ids[..];
+    let tables: Vec<&[u32]> = (len.iter())
+        .map(|l| {
+            let (t, r) = rest.split_at(l.div_ceil(bs));
+            rest = r;
+            t
+        })
+        .collect();
+    let pool = |_| candle_core::Tensor::zeros((blocks, nkv, bs, hd), DType::BF16, &dev).unwrap();
+    let (kp, vp) = (pool(0), pool(1));
+    let q = candle_core::Tensor::ones((64, nh, hd), DType::BF16, &dev).unwrap();
+    let scale = 1.0 / (hd as f32).sqrt();
+    let time = |f: &dyn Fn()| {
+        f();
+        dev.synchronize().unwrap();
+        let t0 = std::time::Instant::now();
+        for _ in 0..100 {
+            f();
+        }
+        dev.synchronize().unwrap();
+        t0.elapsed().as_secs_f64() * 1e4 // µs per call
+    };
+    let per_buffer = time(&|| {
+        decode_attention(&q, &views, &len, scale).unwrap();
+    });
+    let paged = time(&|| {
+        pk::paged_decode_attention(&q, PagedKv { k: &kp, v: &vp }, &tables, &len, scale).unwrap();
+    });
+    println!(
+        "GPUCHECK paged decode attention + append (64 rows, lengths 1-1500, GQA, blocks of 16, shared blocks) max rel err:{line} time per call (bf16): paged {paged:.0} us, per-buffer {per_buffer:.0} us ({:.2}x)",
+        paged / per_buffer
     );
 }
 

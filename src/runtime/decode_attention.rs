@@ -191,7 +191,7 @@ pub fn decode_attention_reference(
     out
 }
 
-fn check_dtype(op: &str, dtype: DType) -> Result<DType> {
+pub(super) fn check_dtype(op: &str, dtype: DType) -> Result<DType> {
     match dtype {
         DType::F32 | DType::BF16 | DType::F16 => Ok(dtype),
         d => bail!("{op}: dtype {d:?} is not supported (f32, bf16 or f16)"),
@@ -199,7 +199,7 @@ fn check_dtype(op: &str, dtype: DType) -> Result<DType> {
 }
 
 /// The host copy of `t` as f32.
-fn host_f32(t: &Tensor) -> Result<Vec<f32>> {
+pub(super) fn host_f32(t: &Tensor) -> Result<Vec<f32>> {
     t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()
 }
 
@@ -210,7 +210,7 @@ fn check_rows(op: &str, b: usize, bufs: usize, per_row: usize, what: &str) -> Re
     Ok(())
 }
 
-fn check_heads(op: &str, nkv: usize, hd: usize) -> Result<()> {
+pub(super) fn check_heads(op: &str, nkv: usize, hd: usize) -> Result<()> {
     if nkv == 0 || !(1..=MAX_HEAD_DIM).contains(&hd) {
         bail!("{op}: {nkv} KV heads of dim {hd}: need at least one head, dim 1..={MAX_HEAD_DIM}");
     }
@@ -218,7 +218,7 @@ fn check_heads(op: &str, nkv: usize, hd: usize) -> Result<()> {
 }
 
 /// `t` has `like`'s dtype and device.
-fn check_like(op: &str, what: &str, t: &Tensor, like: &Tensor) -> Result<()> {
+pub(super) fn check_like(op: &str, what: &str, t: &Tensor, like: &Tensor) -> Result<()> {
     let (dtype, want) = (t.dtype(), like.dtype());
     if dtype != want {
         bail!("{op}: {what} is {dtype:?}, expected {want:?}");
@@ -262,7 +262,7 @@ fn check_buffers(
 
 /// Each tensor's storage identity and contiguous element range (read guards taken one at a
 /// time, dropped at once).
-fn storage_range(op: &str, t: &Tensor) -> Result<(usize, usize, usize)> {
+pub(super) fn storage_range(op: &str, t: &Tensor) -> Result<(usize, usize, usize)> {
     let (guard, layout) = t.storage_and_layout();
     let key = &*guard as *const Storage as usize;
     match layout.contiguous_offsets() {
@@ -315,7 +315,7 @@ pub use super::kernel_tolerance as tolerance;
 /// batch (GQA 32/8, hd 128, mixed lengths); 2: a small odd head dim, groups of 3; 3: MHA with
 /// hd 16; 4: groups of 10 query heads (two head chunks on CUDA) with hd 256; 5: one long row
 /// (the CUDA kernel splits it over many blocks).
-const CHECK_CASES: [(usize, usize, usize, usize, usize); 5] = [
+pub(super) const CHECK_CASES: [(usize, usize, usize, usize, usize); 5] = [
     (64, 32, 8, 128, 1500),
     (7, 12, 4, 40, 300),
     (5, 4, 4, 16, 200),

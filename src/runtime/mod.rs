@@ -17,6 +17,7 @@ pub mod cuda;
 pub mod decode_attention;
 pub mod device;
 pub mod lora_rows;
+pub mod paged_kv;
 pub mod reference;
 
 pub use batch::{LogitsMode, RowGroups, SeqInput};

@@ -16,7 +16,7 @@ use candle_core::op::BackpropOp;
 use candle_core::{bail, CudaDevice, CudaStorage, DType, Result, Storage, StorageRef, Tensor};
 
 /// Threads per attention block (`DA_THREADS`).
-const THREADS: usize = 128;
+pub(super) const THREADS: usize = 128;
 /// Query heads one attention block serves (`DA_GMAX`).
 pub const GMAX: usize = 8;
 /// Floats of the PV run reduction (`DA_RED`).
@@ -26,8 +26,8 @@ const MIN_CHUNK: usize = 256;
 /// The most splits of a row.
 const MAX_SPLITS: usize = 64;
 
-const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/decode_attention.ptx"));
-const MODULE: &str = "loraplex_decode_attention";
+pub(super) const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/decode_attention.ptx"));
+pub(super) const MODULE: &str = "loraplex_decode_attention";
 
 /// How one attention launch covers the rows: grid `(nsplit, nkv · head_chunks, B)`, a block
 /// serving `GMAX` query heads of a KV head over `chunk` positions in tiles of `tile`.
@@ -71,7 +71,7 @@ impl Plan {
 
 /// Read guards on the storages of `ts`, one per distinct storage (a second `read` of a lock the
 /// thread holds could deadlock behind a waiting writer), and for each tensor its guard's index.
-fn lock_distinct<'a>(ts: &[&'a Tensor]) -> (Vec<StorageRef<'a>>, Vec<usize>) {
+pub(super) fn lock_distinct<'a>(ts: &[&'a Tensor]) -> (Vec<StorageRef<'a>>, Vec<usize>) {
     let mut guards = Vec::new();
     let mut seen = std::collections::HashMap::new();
     let mut index = Vec::with_capacity(ts.len());
@@ -87,19 +87,19 @@ fn lock_distinct<'a>(ts: &[&'a Tensor]) -> (Vec<StorageRef<'a>>, Vec<usize>) {
     (guards, index)
 }
 
-fn to_i32(v: usize, what: &str) -> Result<i32> {
+pub(super) fn to_i32(v: usize, what: &str) -> Result<i32> {
     i32::try_from(v)
         .map_err(|_| candle_core::Error::msg(format!("decode_attention: {what} {v} too large")))
 }
 
-fn to_u32(v: usize, what: &str) -> Result<u32> {
+pub(super) fn to_u32(v: usize, what: &str) -> Result<u32> {
     u32::try_from(v)
         .map_err(|_| candle_core::Error::msg(format!("decode_attention: {what} {v} too large")))
 }
 
 /// The contiguous view of `t`'s CUDA storage (`storage`, locked by the caller), checked to be
 /// on `dev` and to hold `len` elements of `T`.
-fn view<'a, T: CudaDType>(
+pub(super) fn view<'a, T: CudaDType>(
     storage: &'a Storage,
     t: &Tensor,
     dev: &CudaDevice,
@@ -145,7 +145,7 @@ fn upload_meta(
     Ok((dev.clone_htod(&meta)?, [0, 8 * b, 16 * b, 20 * b]))
 }
 
-fn cuda_device(t: &Tensor) -> Result<CudaDevice> {
+pub(super) fn cuda_device(t: &Tensor) -> Result<CudaDevice> {
     match t.device() {
         candle_core::Device::Cuda(dev) => Ok(dev.clone()),
         d => bail!(

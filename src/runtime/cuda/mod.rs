@@ -3,6 +3,7 @@
 
 pub mod decode_attention;
 pub mod lora_rows;
+pub mod paged_kv;
 
 use candle_core::cuda_backend::cudarc::driver::{sys::CUdevice_attribute, CudaStream};
 

@@ -14,6 +14,12 @@
 //                          decode_attention_combine_<T> merges (flash-decoding).
 // decode_attention_combine_<T>: grid (nh, B), threads over hd.
 //
+// paged_append_kv_rows_<T>, paged_decode_attention_<T>: the same over one paged pool per layer
+//                          (src/runtime/paged_kv.rs): K and V pools [blocks, nkv, bs, hd],
+//                          position t of row b at block tables[starts[b] + t / bs], slot t % bs.
+//                          The attention body is shared: it reads K/V rows through a source
+//                          (Buffers or Paged below) and is otherwise the same kernel.
+//
 // Scores are computed as (scale * log2 e) q.k so that the softmax uses exp2; the output is
 // rounded once to T.
 
@@ -55,6 +61,66 @@ __device__ __forceinline__ float warp_sum(float v) {
     return v;
 }
 
+// Where the attention body reads row b's KV head g: per-row buffers [nkv, cap_b, hd].
+template <typename T>
+struct BufferRows {
+    const T* k;
+    const T* v;
+    int hd;
+    __device__ __forceinline__ const T* k_at(int t) const { return k + (size_t)t * hd; }
+    __device__ __forceinline__ const T* v_at(int t) const { return v + (size_t)t * hd; }
+};
+
+template <typename T>
+struct Buffers {
+    const unsigned long long* k_ptrs;
+    const unsigned long long* v_ptrs;
+    const uint32_t* caps;
+    const uint32_t* lens;
+    int hd;
+    __device__ __forceinline__ int len(int b) const { return (int)lens[b]; }
+    __device__ __forceinline__ BufferRows<T> rows(int b, int g) const {
+        const size_t off = (size_t)g * caps[b] * hd;
+        return {reinterpret_cast<const T*>(k_ptrs[b]) + off,
+                reinterpret_cast<const T*>(v_ptrs[b]) + off, hd};
+    }
+};
+
+// The same from a paged pool: K, V [blocks, nkv, bs, hd]; row b's block table starts at
+// tables[starts[b]].
+template <typename T>
+struct PagedRows {
+    const T* k;
+    const T* v;
+    const uint32_t* table;
+    size_t head_off;      // g * bs * hd
+    size_t block_stride;  // nkv * bs * hd
+    int bs;
+    int hd;
+    __device__ __forceinline__ size_t at(int t) const {
+        return (size_t)table[t / bs] * block_stride + head_off + (size_t)(t % bs) * hd;
+    }
+    __device__ __forceinline__ const T* k_at(int t) const { return k + at(t); }
+    __device__ __forceinline__ const T* v_at(int t) const { return v + at(t); }
+};
+
+template <typename T>
+struct Paged {
+    const T* k_pool;
+    const T* v_pool;
+    const uint32_t* starts;
+    const uint32_t* tables;
+    const uint32_t* lens;
+    int nkv;
+    int bs;
+    int hd;
+    __device__ __forceinline__ int len(int b) const { return (int)lens[b]; }
+    __device__ __forceinline__ PagedRows<T> rows(int b, int g) const {
+        return {k_pool, v_pool, tables + starts[b], (size_t)g * bs * hd,
+                (size_t)nkv * bs * hd, bs, hd};
+    }
+};
+
 template <typename T>
 __device__ void append_kv_rows(const T* __restrict__ k_new, const T* __restrict__ v_new,
                                const unsigned long long* __restrict__ k_ptrs,
@@ -76,21 +142,35 @@ __device__ void append_kv_rows(const T* __restrict__ k_new, const T* __restrict_
     }
 }
 
+// Row b's new K/V go to pool slot slots[b] (= block * bs + position within the block); the host
+// checked every slot is inside the pool and that no two rows share one.
+template <typename T>
+__device__ void paged_append_kv_rows(const T* __restrict__ k_new, const T* __restrict__ v_new,
+                                     T* __restrict__ k_pool, T* __restrict__ v_pool,
+                                     const uint32_t* __restrict__ slots, int nkv, int bs,
+                                     int hd) {
+    const int b = blockIdx.x;
+    const int g = blockIdx.y;
+    const size_t slot = slots[b];
+    const size_t dst = ((slot / bs * nkv + g) * bs + slot % bs) * (size_t)hd;
+    const size_t src = ((size_t)b * nkv + g) * (size_t)hd;
+    for (int d = threadIdx.x; d < hd; d += blockDim.x) {
+        k_pool[dst + d] = k_new[src + d];
+        v_pool[dst + d] = v_new[src + d];
+    }
+}
+
 // Shared memory (floats): k_s [kbuf] | q_s [DA_GMAX][stride] | s_s [DA_GMAX][tile] |
 // m_s, l_s, a_s [DA_GMAX], kbuf = max(tile * stride, DA_RED) (k_s holds the K tile
 // [tile][stride], then the partial sums of the PV position runs). `stride` is hd rounded up to
 // 4, plus 4 if that makes stride / 4 even, so that float4 reads of k_s by consecutive positions
 // hit distinct banks; columns hd..stride are zero in both k_s and q_s. The host mirrors this
 // size (runtime/cuda/decode_attention.rs).
-template <typename T>
+template <typename T, typename Src>
 __device__ void decode_attention(const T* __restrict__ q, T* __restrict__ out,
                                  float* __restrict__ part_acc, float* __restrict__ part_ml,
-                                 const unsigned long long* __restrict__ k_ptrs,
-                                 const unsigned long long* __restrict__ v_ptrs,
-                                 const uint32_t* __restrict__ caps,
-                                 const uint32_t* __restrict__ lens, int nh, int nkv, int hd,
-                                 int group, int head_chunks, int chunk, int nsplit, int tile,
-                                 int stride, float scale) {
+                                 const Src src, int nh, int hd, int group, int head_chunks,
+                                 int chunk, int nsplit, int tile, int stride, float scale) {
     extern __shared__ float4 smem4[];
     float* smem = reinterpret_cast<float*>(smem4);
     float* k_s = smem;
@@ -110,12 +190,10 @@ __device__ void decode_attention(const T* __restrict__ q, T* __restrict__ out,
     const int lane = tid & 31;
     const int warp = tid >> 5;
 
-    const size_t cap = caps[b];
-    const int len = (int)lens[b];
+    const int len = src.len(b);
     const int start = split * chunk;
     const int end = min(len, start + chunk);
-    const T* kb = reinterpret_cast<const T*>(k_ptrs[b]) + (size_t)g * cap * hd;
-    const T* vb = reinterpret_cast<const T*>(v_ptrs[b]) + (size_t)g * cap * hd;
+    const auto kv = src.rows(b, g);
 
     // Queries, pre-scaled, and the zero padding columns of k_s; softmax state.
     const float qscale = scale * DA_LOG2E;
@@ -158,7 +236,7 @@ __device__ void decode_attention(const T* __restrict__ q, T* __restrict__ out,
         // 1. Stage the K tile (as f32).
         for (int i = tid; i < nt * hd; i += DA_THREADS) {
             const int t = i / hd, d = i - t * hd;
-            k_s[t * stride + d] = to_f32(kb[(size_t)(t0 + t) * hd + d]);
+            k_s[t * stride + d] = to_f32(kv.k_at(t0 + t)[d]);
         }
         __syncthreads();
         // 2. Scores of valid positions; -inf for the rest.
@@ -222,7 +300,7 @@ __device__ void decode_attention(const T* __restrict__ q, T* __restrict__ out,
 #pragma unroll
             for (int i = 0; i < DA_DPT; ++i) {
                 const int d = dg + dt * i;
-                v[i] = d < hd ? to_f32(vb[(size_t)(t0 + t) * hd + d]) : 0.f;
+                v[i] = d < hd ? to_f32(kv.v_at(t0 + t)[d]) : 0.f;
             }
 #pragma unroll
             for (int j = 0; j < DA_GMAX; ++j) {
@@ -321,8 +399,23 @@ __device__ void decode_attention_combine(const float* __restrict__ part_acc,
         const unsigned long long* v_ptrs, const uint32_t* caps, const uint32_t* lens, int nh,  \
         int nkv, int hd, int group, int head_chunks, int chunk, int nsplit, int tile,          \
         int stride, float scale) {                                                              \
-        decode_attention<T>(q, out, part_acc, part_ml, k_ptrs, v_ptrs, caps, lens, nh, nkv,    \
-                            hd, group, head_chunks, chunk, nsplit, tile, stride, scale);       \
+        const Buffers<T> src{k_ptrs, v_ptrs, caps, lens, hd};                                  \
+        decode_attention<T, Buffers<T>>(q, out, part_acc, part_ml, src, nh, hd, group,        \
+                                        head_chunks, chunk, nsplit, tile, stride, scale);      \
+    }                                                                                           \
+    extern "C" __global__ void paged_append_kv_rows_##SUFFIX(                                  \
+        const T* k_new, const T* v_new, T* k_pool, T* v_pool, const uint32_t* slots, int nkv,  \
+        int bs, int hd) {                                                                       \
+        paged_append_kv_rows<T>(k_new, v_new, k_pool, v_pool, slots, nkv, bs, hd);             \
+    }                                                                                           \
+    extern "C" __global__ void __launch_bounds__(DA_THREADS) paged_decode_attention_##SUFFIX( \
+        const T* q, T* out, float* part_acc, float* part_ml, const T* k_pool, const T* v_pool, \
+        const uint32_t* starts, const uint32_t* tables, const uint32_t* lens, int nh, int nkv, \
+        int hd, int group, int head_chunks, int chunk, int nsplit, int tile, int stride,       \
+        int bs, float scale) {                                                                  \
+        const Paged<T> src{k_pool, v_pool, starts, tables, lens, nkv, bs, hd};                 \
+        decode_attention<T, Paged<T>>(q, out, part_acc, part_ml, src, nh, hd, group,          \
+                                      head_chunks, chunk, nsplit, tile, stride, scale);        \
     }                                                                                           \
     extern "C" __global__ void decode_attention_combine_##SUFFIX(                              \
         const float* part_acc, const float* part_ml, T* out, int nh, int hd, int nsplit) {     \
