@@ -213,6 +213,33 @@ fn paged_decode_attention_matches_its_cpu_reference() {
 }
 
 #[test]
+fn paged_caches_give_the_logits_of_buffer_caches_on_the_gpu() {
+    use common::paged::{pool, run, steps_and_adapters};
+    use loraplex::runtime::Kernels;
+    let mut line = String::new();
+    for (dtype, tol) in [(DType::F32, 1e-4f32), (DType::BF16, 5e-2)] {
+        let m = tiny_on(dtype);
+        let (steps, loras) = steps_and_adapters(&m);
+        let plain = run(&m, &steps, &loras, Kernels::Auto, None);
+        let paged = run(&m, &steps, &loras, Kernels::Auto, Some(&pool(&m, 40)));
+        let mut worst = 0f32;
+        for (s, (p, b)) in paged.iter().zip(&plain).enumerate() {
+            for (row, (a, b)) in p.iter().zip(b).enumerate() {
+                let d = max_abs_diff(a, b);
+                assert!(
+                    d <= tol,
+                    "{dtype:?} step {s} row {row}: logits differ by {d}"
+                );
+                assert_eq!(argmax(a), argmax(b), "{dtype:?} step {s} row {row}");
+                worst = worst.max(d);
+            }
+        }
+        line.push_str(&format!(" {dtype:?} {worst:.1e};"));
+    }
+    println!("GPUCHECK paged KV caches vs buffers (tiny model, 10 steps, mixed adapters) max |logit diff|:{line}");
+}
+
+#[test]
 fn a_model_that_does_not_fit_is_an_error() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = dir.path().join("huge.json");

@@ -1,7 +1,10 @@
-//! Per-sequence key/value cache: one growable buffer per layer, so each sequence in a batch keeps
-//! its own history and its own position.
+//! Per-sequence key/value cache, so each sequence in a batch keeps its own history and its own
+//! position: either one growable buffer per layer, or a block table into a shared paged pool
+//! ([`KvPool`], the layout the GPU's paged decode attention reads).
 
+use super::kv_pool::KvPool;
 use candle_core::{DType, Device, Result, Tensor};
+use std::sync::Arc;
 
 /// Keys and values of one layer: `[kv_heads, capacity, head_dim]` buffers, filled up to `len`.
 #[derive(Debug, Default)]
@@ -10,10 +13,20 @@ struct LayerKv {
     v: Option<Tensor>,
 }
 
+/// Where a cache's keys and values live.
+#[derive(Debug)]
+enum Store {
+    /// One growable buffer per layer.
+    Buffers(Vec<LayerKv>),
+    /// The blocks of a shared pool that `table` lists, in position order.
+    Paged { pool: Arc<KvPool>, table: Vec<u32> },
+}
+
 /// The cache of one sequence. Its length is the position of the next token.
 #[derive(Debug)]
 pub struct KvCache {
-    layers: Vec<LayerKv>,
+    store: Store,
+    num_layers: usize,
     len: usize,
     /// Length that layer writes have reached during the current forward (committed at the end).
     pending: usize,
@@ -26,11 +39,89 @@ impl KvCache {
     /// An empty cache for a model with `num_layers` layers and a context of `max_len` positions.
     pub fn new(num_layers: usize, max_len: usize) -> Self {
         Self {
-            layers: (0..num_layers).map(|_| LayerKv::default()).collect(),
+            store: Store::Buffers((0..num_layers).map(|_| LayerKv::default()).collect()),
+            num_layers,
             len: 0,
             pending: 0,
             max_len,
             limit: None,
+        }
+    }
+
+    /// An empty cache in `pool`'s blocks, for a context of `max_len` positions. It holds no
+    /// block until [`KvCache::set_table`] gives it some.
+    pub fn paged(pool: Arc<KvPool>, max_len: usize) -> Self {
+        Self {
+            num_layers: pool.num_layers(),
+            store: Store::Paged {
+                pool,
+                table: Vec::new(),
+            },
+            len: 0,
+            pending: 0,
+            max_len,
+            limit: None,
+        }
+    }
+
+    /// A paged cache's pool and block table (`None` for per-layer buffers).
+    pub fn paged_table(&self) -> Option<(&Arc<KvPool>, &[u32])> {
+        match &self.store {
+            Store::Paged { pool, table } => Some((pool, table)),
+            Store::Buffers(_) => None,
+        }
+    }
+
+    /// Gives a paged cache the blocks `table` lists (position order; the first ones must be
+    /// those it already holds its history in). Errors for a buffer cache, ids outside the pool,
+    /// or a table too short for the history.
+    pub fn set_table(&mut self, new: Vec<u32>) -> Result<()> {
+        let Store::Paged { pool, table } = &mut self.store else {
+            candle_core::bail!("set_table on a cache that is not paged");
+        };
+        pool.check_table(&new)?;
+        if new.len() * pool.block_positions() < self.len {
+            candle_core::bail!(
+                "a table of {} blocks cannot hold the {} positions in the cache",
+                new.len(),
+                self.len
+            );
+        }
+        *table = new;
+        Ok(())
+    }
+
+    /// For a paged cache, before its caller writes positions `len()..end` into the pool itself
+    /// (batched decode): checks that the context and the blocks cover them and makes them
+    /// pending, as `append` does.
+    pub fn begin_paged_write(&mut self, end: usize) -> Result<()> {
+        self.check_end(end)?;
+        self.pending = end;
+        Ok(())
+    }
+
+    /// `end` positions fit the context, the block limit and (paged) the table.
+    fn check_end(&self, end: usize) -> Result<()> {
+        if end > self.max_len {
+            candle_core::bail!(
+                "sequence of {end} positions exceeds the context length {}",
+                self.max_len
+            );
+        }
+        if let Some(limit) = self.limit.filter(|&l| end > l) {
+            candle_core::bail!(
+                "sequence of {end} positions exceeds the {limit} positions of its KV blocks"
+            );
+        }
+        match &self.store {
+            Store::Paged { pool, table } if end > table.len() * pool.block_positions() => {
+                candle_core::bail!(
+                    "sequence of {end} positions exceeds the {} positions of its KV blocks",
+                    table.len() * pool.block_positions()
+                )
+            }
+            Store::Paged { .. } => Ok(()),
+            Store::Buffers(_) => Ok(()),
         }
     }
 
@@ -42,8 +133,18 @@ impl KvCache {
 
     /// An empty cache of the same model, context and block limit.
     pub fn empty_like(&self) -> Self {
+        let store = match &self.store {
+            Store::Buffers(layers) => {
+                Store::Buffers(layers.iter().map(|_| LayerKv::default()).collect())
+            }
+            Store::Paged { pool, .. } => Store::Paged {
+                pool: pool.clone(),
+                table: Vec::new(),
+            },
+        };
         Self {
-            layers: self.layers.iter().map(|_| LayerKv::default()).collect(),
+            store,
+            num_layers: self.num_layers,
             len: 0,
             pending: 0,
             max_len: self.max_len,
@@ -67,12 +168,15 @@ impl KvCache {
 
     /// Bytes held by the buffers (capacity, not just the filled part).
     pub fn bytes(&self) -> usize {
-        self.layers
-            .iter()
-            .flat_map(|l| [&l.k, &l.v])
-            .flatten()
-            .map(|t| t.elem_count() * t.dtype().size_in_bytes())
-            .sum()
+        match &self.store {
+            Store::Buffers(layers) => layers
+                .iter()
+                .flat_map(|l| [&l.k, &l.v])
+                .flatten()
+                .map(|t| t.elem_count() * t.dtype().size_in_bytes())
+                .sum(),
+            Store::Paged { pool, table } => table.len() * pool.block_bytes(),
+        }
     }
 
     /// Drops everything after the first `len` positions (e.g. to reuse a shared prompt prefix).
@@ -87,6 +191,13 @@ impl KvCache {
         let (heads, new, dim) = k.dims3()?;
         let start = self.len;
         let end = start + new;
+        if let Store::Paged { pool, table } = &self.store {
+            self.check_end(end)?;
+            pool.write(layer, table, start, k, v)?;
+            let history = pool.read(layer, table, end)?;
+            self.pending = end;
+            return Ok(history);
+        }
         let (kb, vb) = self.reserve(layer, end, (heads, dim), k.dtype(), k.device())?;
         kb.slice_set(&k.contiguous()?, 1, start)?;
         vb.slice_set(&v.contiguous()?, 1, start)?;
@@ -106,19 +217,12 @@ impl KvCache {
         device: &Device,
     ) -> Result<(Tensor, Tensor)> {
         let start = self.len;
-        if end > self.max_len {
-            candle_core::bail!(
-                "sequence of {end} positions exceeds the context length {}",
-                self.max_len
-            );
-        }
-        if let Some(limit) = self.limit.filter(|&l| end > l) {
-            candle_core::bail!(
-                "sequence of {end} positions exceeds the {limit} positions of its KV blocks"
-            );
-        }
+        self.check_end(end)?;
         let cap_limit = self.limit.unwrap_or(usize::MAX).min(self.max_len.max(end));
-        let Some(slot) = self.layers.get_mut(layer) else {
+        let Store::Buffers(layers) = &mut self.store else {
+            candle_core::bail!("a paged KV cache has no per-layer buffers to reserve");
+        };
+        let Some(slot) = layers.get_mut(layer) else {
             candle_core::bail!("kv cache has no layer {layer}");
         };
         let grow = |buf: &Option<Tensor>| -> Result<Tensor> {
@@ -156,6 +260,17 @@ impl KvCache {
         if len > self.len {
             candle_core::bail!("snapshot of {len} positions from a cache of {}", self.len);
         }
+        let layers = match &self.store {
+            Store::Buffers(layers) => layers,
+            Store::Paged { pool, table } => {
+                return (0..self.num_layers)
+                    .map(|l| {
+                        let (k, v) = pool.read(l, table, len)?;
+                        Ok((k.contiguous()?, v.contiguous()?))
+                    })
+                    .collect();
+            }
+        };
         let owned = |t: &Option<Tensor>| -> Result<Tensor> {
             let Some(t) = t else {
                 candle_core::bail!("snapshot of a layer that holds nothing");
@@ -168,7 +283,7 @@ impl KvCache {
                 part.contiguous()
             }
         };
-        self.layers
+        layers
             .iter()
             .map(|l| Ok((owned(&l.k)?, owned(&l.v)?)))
             .collect()
@@ -180,12 +295,27 @@ impl KvCache {
         if self.len != 0 {
             candle_core::bail!("load_prefix into a cache that already holds {}", self.len);
         }
-        if kv.len() != self.layers.len() {
+        if kv.len() != self.num_layers {
             candle_core::bail!(
                 "prefix of {} layers for a cache of {}",
                 kv.len(),
-                self.layers.len()
+                self.num_layers
             );
+        }
+        if let Store::Paged { pool, table } = &self.store {
+            self.check_end(len)?;
+            for (layer, (k, v)) in kv.iter().enumerate() {
+                pool.write(
+                    layer,
+                    table,
+                    0,
+                    &k.narrow(1, 0, len)?,
+                    &v.narrow(1, 0, len)?,
+                )?;
+            }
+            self.pending = len;
+            self.commit();
+            return Ok(());
         }
         for (layer, (k, v)) in kv.iter().enumerate() {
             let (heads, _, dim) = k.dims3()?;
@@ -222,5 +352,71 @@ mod tests {
         // An emptied cache keeps its limit.
         let e = c.empty_like();
         assert_eq!((e.len(), e.limit, e.max_len), (0, Some(48), 100));
+    }
+
+    #[test]
+    fn a_paged_cache_holds_what_a_buffer_cache_holds() {
+        let dev = Device::Cpu;
+        let kv = |n: usize, at: f32| {
+            let data: Vec<f32> = (0..2 * n * 4).map(|i| at + i as f32).collect();
+            Tensor::from_vec(data, (2, n, 4), &dev).unwrap()
+        };
+        let pool = Arc::new(KvPool::new(2, 8, 4, (2, 4), DType::F32, &dev).unwrap());
+        let mut paged = KvCache::paged(pool.clone(), 100);
+        let mut plain = KvCache::new(2, 100);
+        // No blocks yet: nothing fits.
+        let err = paged.append(0, &kv(3, 0.0), &kv(3, 0.0)).unwrap_err();
+        assert!(
+            err.to_string().contains("0 positions of its KV blocks"),
+            "{err}"
+        );
+        paged.set_table(vec![6, 2]).unwrap();
+        assert_eq!(paged.bytes(), 2 * pool.block_bytes());
+        for (n, at) in [(3, 0.0), (4, 1000.0)] {
+            for l in 0..2 {
+                let a = paged.append(l, &kv(n, at + l as f32), &kv(n, -at)).unwrap();
+                let b = plain.append(l, &kv(n, at + l as f32), &kv(n, -at)).unwrap();
+                assert_eq!(a.0.to_vec3::<f32>().unwrap(), b.0.to_vec3::<f32>().unwrap());
+                assert_eq!(a.1.to_vec3::<f32>().unwrap(), b.1.to_vec3::<f32>().unwrap());
+            }
+            paged.commit();
+            plain.commit();
+        }
+        assert_eq!(paged.len(), 7);
+        // Past its 8 positions until the table grows; a table that drops history is refused.
+        let err = paged.append(0, &kv(2, 0.0), &kv(2, 0.0)).unwrap_err();
+        assert!(
+            err.to_string().contains("8 positions of its KV blocks"),
+            "{err}"
+        );
+        assert!(paged.set_table(vec![6]).is_err());
+        assert!(paged.set_table(vec![6, 2, 9]).is_err());
+        paged.set_table(vec![6, 2, 0]).unwrap();
+        // Snapshots are equal, and a prefix loads into another paged cache of the pool.
+        let (sa, sb) = (paged.snapshot(6).unwrap(), plain.snapshot(6).unwrap());
+        for ((ka, va), (kb, vb)) in sa.iter().zip(&sb) {
+            assert_eq!(ka.to_vec3::<f32>().unwrap(), kb.to_vec3::<f32>().unwrap());
+            assert_eq!(va.to_vec3::<f32>().unwrap(), vb.to_vec3::<f32>().unwrap());
+        }
+        let mut other = paged.empty_like();
+        assert_eq!((other.len(), other.bytes()), (0, 0));
+        other.set_table(vec![5, 1]).unwrap();
+        other.load_prefix(&sb, 6).unwrap();
+        let again = other.snapshot(6).unwrap();
+        assert_eq!(
+            again[1].0.to_vec3::<f32>().unwrap(),
+            sb[1].0.to_vec3::<f32>().unwrap()
+        );
+        // The first cache's blocks were not touched by the second's writes.
+        let mine = paged.snapshot(7).unwrap();
+        assert_eq!(
+            mine[1].1.to_vec3::<f32>().unwrap(),
+            plain.snapshot(7).unwrap()[1].1.to_vec3::<f32>().unwrap()
+        );
+        // A paged cache has no per-layer buffers; a buffer cache takes no table.
+        assert!(paged.reserve(0, 8, (2, 4), DType::F32, &dev).is_err());
+        assert!(plain.set_table(vec![0]).is_err());
+        assert!(paged.begin_paged_write(13).is_err());
+        paged.begin_paged_write(12).unwrap();
     }
 }

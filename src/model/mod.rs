@@ -6,6 +6,7 @@ pub mod config;
 pub mod dummy;
 pub mod export;
 pub mod kv_cache;
+pub mod kv_pool;
 pub mod linear;
 pub mod llama;
 pub mod proj;
@@ -14,6 +15,7 @@ pub mod weights;
 
 pub use config::LlamaConfig;
 pub use kv_cache::KvCache;
+pub use kv_pool::KvPool;
 pub use linear::{Linear, LinearWeight, Nf4Settings, Quantize};
 pub use llama::{Llama, Placement};
 pub use proj::Proj;

@@ -10,8 +10,9 @@
 use super::batch::{LogitsMode, RowGroups, SeqInput};
 use super::decode_attention::{append_kv_rows, decode_attention, KvBuffers};
 use super::lora_rows::{apply_lora_rows, LoraSetRef};
+use super::paged_kv::{paged_append_kv_rows, paged_decode_attention, PagedKv};
 use crate::lora::LoraStack;
-use crate::model::{Llama, Proj};
+use crate::model::{KvPool, Llama, Proj};
 use candle_core::{DType, Device, Result, Tensor};
 use std::sync::Arc;
 
@@ -240,6 +241,21 @@ fn attend_decode(
     let q = model.rope().apply_rows(&q.reshape((b, nh, hd))?, rope)?;
     let k = model.rope().apply_rows(&k.reshape((b, nkv, hd))?, rope)?;
     let v = v.reshape((b, nkv, hd))?.contiguous()?;
+    let scale = (1.0 / (hd as f64).sqrt()) as f32;
+    if let Some(pool) = shared_pool(seqs)? {
+        // Paged caches: one append and one attention op over the pool's blocks.
+        for (s, &p) in seqs.iter_mut().zip(&pos) {
+            s.cache.begin_paged_write(p + 1)?;
+        }
+        let tables: Vec<&[u32]> = (seqs.iter())
+            .filter_map(|s| s.cache.paged_table().map(|(_, t)| t))
+            .collect();
+        let (kp, vp) = pool.layer(l)?;
+        let layer = PagedKv { k: kp, v: vp };
+        paged_append_kv_rows(&k, &v, layer, &tables, &pos)?;
+        let len: Vec<usize> = pos.iter().map(|p| p + 1).collect();
+        return paged_decode_attention(&q, layer, &tables, &len, scale);
+    }
     let mut bufs = Vec::with_capacity(b);
     for (s, &p) in seqs.iter_mut().zip(&pos) {
         bufs.push(
@@ -250,7 +266,27 @@ fn attend_decode(
     let views: Vec<KvBuffers<'_>> = bufs.iter().map(|(k, v)| KvBuffers { k, v }).collect();
     append_kv_rows(&k, &v, &views, &pos)?;
     let len: Vec<usize> = pos.iter().map(|p| p + 1).collect();
-    decode_attention(&q, &views, &len, (1.0 / (hd as f64).sqrt()) as f32)
+    decode_attention(&q, &views, &len, scale)
+}
+
+/// The pool every sequence's cache is paged in; `None` when none is paged; an error when only
+/// some are, or they use different pools (one op cannot read them together).
+fn shared_pool(seqs: &[SeqInput<'_>]) -> Result<Option<Arc<KvPool>>> {
+    let mut pools = seqs.iter().map(|s| s.cache.paged_table().map(|(p, _)| p));
+    let Some(first) = pools.next().flatten() else {
+        if seqs.iter().any(|s| s.cache.paged_table().is_some()) {
+            candle_core::bail!("a decode step mixes paged and unpaged KV caches");
+        }
+        return Ok(None);
+    };
+    for p in pools {
+        match p {
+            Some(p) if Arc::ptr_eq(p, first) => {}
+            Some(_) => candle_core::bail!("a decode step mixes KV caches of different pools"),
+            None => candle_core::bail!("a decode step mixes paged and unpaged KV caches"),
+        }
+    }
+    Ok(Some(first.clone()))
 }
 
 /// Attention sequence by sequence (prompt chunks): RoPE from each sequence's offset, its cache

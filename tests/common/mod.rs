@@ -5,6 +5,7 @@ pub mod combos;
 pub mod corrupt;
 pub mod golden;
 pub mod hostile_cases;
+pub mod paged;
 pub mod raw;
 pub mod server;
 
