@@ -255,10 +255,12 @@ fn sequences_preempted_when_kv_blocks_run_out_finish_as_alone() {
         .into_iter()
         .map(|r| collect(unlimited.submit(r).unwrap()).unwrap())
         .collect();
-    for prefix_cache_bytes in [0, 1 << 30] {
+    for (prefix_cache_bytes, paged_kv) in [(0, false), (1 << 30, false), (0, true), (1 << 30, true)]
+    {
         let (e, metrics) = engine_with_config(EngineConfig {
             kv_budget_bytes: Some(4 * 16 * 512),
             prefix_cache_bytes,
+            paged_kv,
             ..EngineConfig::default()
         });
         assert_eq!(metrics.kv_blocks_total.get(), 4);
@@ -276,7 +278,10 @@ fn sequences_preempted_when_kv_blocks_run_out_finish_as_alone() {
                 got[i] = collect(rx).unwrap();
             }
         }
-        assert_eq!(got, alone, "prefix cache of {prefix_cache_bytes} bytes");
+        assert_eq!(
+            got, alone,
+            "prefix cache of {prefix_cache_bytes} bytes, paged {paged_kv}"
+        );
         assert!(
             metrics.preemptions.get() >= 2,
             "{} preemptions",
@@ -297,8 +302,19 @@ fn sequences_preempted_when_kv_blocks_run_out_finish_as_alone() {
 /// by evicting the cached entry, not by preempting anyone (and not beyond the budget).
 #[test]
 fn cached_prefixes_hold_pool_blocks_and_give_them_up_to_growing_sequences() {
+    cached_prefixes_give_up_their_blocks(false);
+}
+
+/// The same with paged caches: the entries' keys and values live in their blocks of the pool.
+#[test]
+fn paged_cached_prefixes_hold_pool_blocks_and_give_them_up_to_growing_sequences() {
+    cached_prefixes_give_up_their_blocks(true);
+}
+
+fn cached_prefixes_give_up_their_blocks(paged_kv: bool) {
     let (e, metrics) = engine_with_config(EngineConfig {
         kv_budget_bytes: Some(4 * 16 * 512),
+        paged_kv,
         ..EngineConfig::default()
     });
     let wait_for = |what: &dyn Fn() -> bool| {
@@ -353,15 +369,18 @@ fn sequences_preempted_while_scoring_their_prompt_score_it_once_as_alone() {
     let alone: Vec<Scored> = (0..3)
         .map(|i| collect_scored(unlimited.submit(scored(i)).unwrap()))
         .collect();
-    let (e, metrics) = engine_with_config(EngineConfig {
-        kv_budget_bytes: Some(4 * 16 * 512),
-        prefill_chunk: 3,
-        ..EngineConfig::default()
-    });
-    let rxs: Vec<_> = (0..3).map(|i| e.submit(scored(i)).unwrap()).collect();
-    let got: Vec<Scored> = rxs.into_iter().map(collect_scored).collect();
-    assert_eq!(got, alone);
-    assert!(metrics.preemptions.get() > 0);
+    for paged_kv in [false, true] {
+        let (e, metrics) = engine_with_config(EngineConfig {
+            kv_budget_bytes: Some(4 * 16 * 512),
+            prefill_chunk: 3,
+            paged_kv,
+            ..EngineConfig::default()
+        });
+        let rxs: Vec<_> = (0..3).map(|i| e.submit(scored(i)).unwrap()).collect();
+        let got: Vec<Scored> = rxs.into_iter().map(collect_scored).collect();
+        assert_eq!(got, alone, "paged {paged_kv}");
+        assert!(metrics.preemptions.get() > 0);
+    }
 }
 
 /// Three prompts sharing a 50-token prefix (a system prompt, say) arrive together, before any
@@ -387,16 +406,21 @@ fn a_burst_sharing_a_long_prefix_prefills_it_once() {
         .iter()
         .map(|p| collect(alone_engine.submit(request(p.clone(), 6)).unwrap()).unwrap())
         .collect();
-    let (e, metrics) = engine_with_config(EngineConfig {
-        prefill_chunk: 4,
-        ..EngineConfig::default()
-    });
-    let rxs: Vec<_> = prompts
-        .iter()
-        .map(|p| e.submit(request(p.clone(), 6)).unwrap())
-        .collect();
-    let got: Vec<Vec<u32>> = rxs.into_iter().map(|rx| collect(rx).unwrap()).collect();
-    assert_eq!(got, alone);
-    assert_eq!(metrics.prefix_cache_hits.get(), 2);
-    assert_eq!(metrics.prefix_cache_reused_tokens.get(), 2 * 50);
+    // Without a budget, and paged in a pool of 40 blocks.
+    for (kv_budget_bytes, paged_kv) in [(None, false), (Some(40 * 16 * 512), true)] {
+        let (e, metrics) = engine_with_config(EngineConfig {
+            prefill_chunk: 4,
+            kv_budget_bytes,
+            paged_kv,
+            ..EngineConfig::default()
+        });
+        let rxs: Vec<_> = prompts
+            .iter()
+            .map(|p| e.submit(request(p.clone(), 6)).unwrap())
+            .collect();
+        let got: Vec<Vec<u32>> = rxs.into_iter().map(|rx| collect(rx).unwrap()).collect();
+        assert_eq!(got, alone, "paged {paged_kv}");
+        assert_eq!(metrics.prefix_cache_hits.get(), 2);
+        assert_eq!(metrics.prefix_cache_reused_tokens.get(), 2 * 50);
+    }
 }

@@ -314,15 +314,25 @@ fn server_on_the_gpu_answers_concurrent_adapters_as_alone_and_keeps_its_kv_budge
 
 #[test]
 fn kv_blocks_preempt_and_recompute_on_the_gpu() {
-    let dir = tempfile::tempdir().unwrap();
     // 7 blocks of 16 positions (the tiny model's f32 KV is 512 bytes a position): ~20-token
-    // prompts take 2 blocks, so three run at once and outgrow the pool.
-    let (server, _) = tiny_gpu_server(dir.path(), 0, &["--kv-cache-bytes", "60000"]);
-    let (alone, together) = server.answers_alone_and_together("tiny", 4, 40);
-    assert_eq!(together, alone);
-    let preemptions = server.metric("loraplex_preemptions_total");
-    assert!(preemptions > 0.0);
+    // prompts take 2 blocks, so three run at once and outgrow the pool. Paged (the GPU's
+    // default) and in per-sequence buffers.
+    let mut line = String::new();
+    for layout in ["paged", "buffers"] {
+        let dir = tempfile::tempdir().unwrap();
+        let args = ["--kv-cache-bytes", "60000", "--kv-layout", layout];
+        let (server, _) = tiny_gpu_server(dir.path(), 0, &args);
+        assert_eq!(
+            server.metric("loraplex_kv_paged"),
+            f64::from(layout == "paged")
+        );
+        let (alone, together) = server.answers_alone_and_together("tiny", 4, 40);
+        assert_eq!(together, alone, "{layout}");
+        let preemptions = server.metric("loraplex_preemptions_total");
+        assert!(preemptions > 0.0, "{layout}");
+        line.push_str(&format!(" {layout}: {preemptions} preemptions;"));
+    }
     println!(
-        "GPUCHECK KV blocks (cuda, f32): 4 concurrent requests in 7 blocks equal alone after {preemptions} preemptions"
+        "GPUCHECK KV blocks (cuda, f32): 4 concurrent requests in 7 blocks equal alone;{line}"
     );
 }

@@ -247,6 +247,11 @@ fn kv_budget_makes_requests_wait_preempts_when_blocks_run_out_and_refuses_what_n
     // 7 blocks of 16 positions; ~20-token prompts take 2 blocks each, so three run at once and
     // grow to 4: the newest are preempted and recomputed, and each answer is what it is alone.
     assert_eq!(server.metric("loraplex_kv_blocks_total"), 7.0);
+    assert_eq!(
+        server.metric("loraplex_kv_paged"),
+        0.0,
+        "buffers on the CPU by default"
+    );
     let (alone, together) = server.answers_alone_and_together(BASE, 4, 40);
     assert_eq!(together, alone);
     assert!(server.metric("loraplex_preemptions_total") > 0.0);
@@ -254,6 +259,25 @@ fn kv_budget_makes_requests_wait_preempts_when_blocks_run_out_and_refuses_what_n
         server.metric("vllm:num_preemptions_total"),
         server.metric("loraplex_preemptions_total")
     );
+}
+
+/// `--kv-layout paged` (the GPU's default) on the CPU: the same small budget, the sequences'
+/// and the cached prefixes' keys and values in one pool of 7 blocks. Concurrent adapters, a
+/// stack and the base answer as alone, preempted sequences come back with the same tokens, and
+/// cached prefixes are reused from their blocks.
+#[test]
+fn paged_kv_layout_answers_as_alone_under_preemption() {
+    let f = fixture();
+    let server = f.serve(&["--kv-cache-bytes", "60000", "--kv-layout", "paged"]);
+    assert_eq!(server.metric("loraplex_kv_blocks_total"), 7.0);
+    assert_eq!(server.metric("loraplex_kv_paged"), 1.0);
+    let names = ["all-r8".to_string(), "attn-r4".to_string()];
+    let seen = server.run_python("openai_concurrent.py", &[BASE, &names.join(","), "8"]);
+    assert_eq!(seen["equal"], true, "{seen}");
+    let (alone, together) = server.answers_alone_and_together(BASE, 4, 40);
+    assert_eq!(together, alone);
+    assert!(server.metric("loraplex_preemptions_total") > 0.0);
+    assert!(server.metric("loraplex_prefix_cache_hits_total") > 0.0);
 }
 
 #[test]

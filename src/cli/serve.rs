@@ -2,7 +2,7 @@
 
 use crate::model::Quantize;
 use crate::runtime::{DeviceSpec, DtypeSpec};
-use crate::server::{serve, ServeConfig};
+use crate::server::{serve, KvLayout, ServeConfig};
 use anyhow::{Context, Result};
 use std::path::PathBuf;
 
@@ -37,6 +37,11 @@ pub struct ServeArgs {
     /// host memory available after loading (cgroup limit included)
     #[arg(long)]
     pub kv_cache_bytes: Option<u64>,
+    /// Where the KV budget's blocks live: paged (one pool on the device, allocated at start and
+    /// read through block tables), buffers (each sequence's own, capped at its blocks), auto
+    /// (paged on a GPU, buffers on the CPU). Default: auto
+    #[arg(long, value_enum)]
+    pub kv_layout: Option<KvLayout>,
     /// Folder of PEFT adapters (each subfolder is one, named by the folder). Default: adapters
     #[arg(long)]
     pub adapters_dir: Option<PathBuf>,
@@ -118,6 +123,7 @@ impl ServeArgs {
             quantize,
             device,
             dtype,
+            kv_layout,
             max_connections,
             max_body_bytes
         );

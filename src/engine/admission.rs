@@ -9,7 +9,7 @@ use super::prefix_cache::{common_prefix, PrefixCache, PrefixHit, StackKey};
 use super::running::Running;
 use super::{kv_positions, EngineConfig, EngineEvent, Submission};
 use crate::generate::SequenceState;
-use crate::model::{KvCache, LoadedModel};
+use crate::model::LoadedModel;
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -73,7 +73,7 @@ pub(super) fn admit(
                     state,
                     // Capped at what the sequence may fill; without a KV budget its buffers
                     // grow by doubling up to that.
-                    cache: KvCache::new(model.llama.cfg.num_hidden_layers, positions),
+                    cache: mem.new_cache(model.llama.cfg.num_hidden_layers, positions),
                     blocks: Vec::new(),
                     prefilled: 0,
                     loaded: 0,

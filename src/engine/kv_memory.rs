@@ -9,8 +9,22 @@
 //! own byte cap.
 
 use super::kv_blocks::{KvBlocks, BLOCK_POSITIONS};
-use super::prefix_cache::PrefixCache;
+use super::prefix_cache::{PrefixCache, StackKey, Stored};
 use super::running::Running;
+use crate::model::{KvCache, KvPool};
+use std::sync::Arc;
+
+/// Caps `r`'s cache at the blocks it holds: a paged cache gets their ids, buffers a limit.
+fn give_blocks(r: &mut Running) {
+    if r.cache.paged_table().is_some() {
+        if let Err(e) = r.cache.set_table(r.blocks.clone()) {
+            // Never: blocks only grow while a sequence runs, and a released one is emptied.
+            tracing::error!("KV blocks: {e}");
+        }
+    } else {
+        r.cache.set_limit(r.blocks.len() * BLOCK_POSITIONS);
+    }
+}
 
 /// Extends `table` past `positions` when it must grow: to a quarter more (at least one block
 /// more, at most the context's `max_len` positions), if that many blocks are free. False, with
@@ -30,15 +44,41 @@ fn grow_ahead(pool: &mut KvBlocks, table: &mut Vec<u32>, positions: usize, max_l
 pub(super) struct KvMemory {
     pool: Option<KvBlocks>,
     pub(super) prefixes: PrefixCache,
+    /// Blocks held for the prefix cache's entries when they keep their own tensors.
     prefix_blocks: Vec<u32>,
+    /// The device storage of the pool's blocks when caches are paged (`None`: each sequence
+    /// keeps its own buffers, capped at its blocks).
+    paged: Option<Arc<KvPool>>,
 }
 
 impl KvMemory {
-    pub(super) fn new(pool: Option<KvBlocks>, prefixes: PrefixCache) -> Self {
+    /// `paged`: the storage of `pool`'s blocks (as many blocks), for paged caches; ignored
+    /// without a pool or when the block counts differ.
+    pub(super) fn new(
+        pool: Option<KvBlocks>,
+        prefixes: PrefixCache,
+        paged: Option<Arc<KvPool>>,
+    ) -> Self {
+        let paged = paged.filter(|p| pool.as_ref().is_some_and(|b| b.total() == p.blocks()));
         Self {
             pool,
             prefixes,
             prefix_blocks: Vec::new(),
+            paged,
+        }
+    }
+
+    /// Whether sequences' caches are paged in the pool's storage.
+    pub(super) fn is_paged(&self) -> bool {
+        self.paged.is_some()
+    }
+
+    /// An empty cache for a sequence of at most `positions` positions: paged in the pool's
+    /// storage, or buffers of its own.
+    pub(super) fn new_cache(&self, num_layers: usize, positions: usize) -> KvCache {
+        match &self.paged {
+            Some(pool) => KvCache::paged(pool.clone(), positions),
+            None => KvCache::new(num_layers, positions),
         }
     }
 
@@ -46,8 +86,87 @@ impl KvMemory {
     /// without a KV budget.
     pub(super) fn blocks(&self) -> Option<(usize, usize, usize)> {
         let pool = self.pool.as_ref()?;
-        let prefix = self.prefix_blocks.len();
+        let prefix = self.prefix_blocks.len() + self.prefixes.paged_blocks();
         Some((pool.total(), pool.used() - prefix, prefix))
+    }
+
+    /// Keeps the history of `tokens` from `cache` in the prefix cache under `key`. Paged, the
+    /// entry is copied into blocks of its own, taken from free ones (evicting older entries,
+    /// never preempting anyone); skipped when even an empty prefix cache leaves too few.
+    pub(super) fn insert_prefix(&mut self, key: &StackKey, tokens: &[u32], cache: &KvCache) {
+        let Some(storage) = self.paged.clone() else {
+            self.prefixes.insert(key, tokens, cache);
+            return;
+        };
+        if !self.prefixes.wants(key, tokens, cache) {
+            return;
+        }
+        let mut table = Vec::new();
+        loop {
+            let Some(pool) = &mut self.pool else {
+                return;
+            };
+            if pool.grow(&mut table, tokens.len()) {
+                break;
+            }
+            if !self.evict_prefix() {
+                return;
+            }
+        }
+        let mut entry = KvCache::paged(storage, tokens.len());
+        let copied = entry
+            .set_table(table.clone())
+            .and_then(|()| cache.snapshot(tokens.len()))
+            .and_then(|kv| entry.load_prefix(&kv, tokens.len()));
+        if let Err(e) = copied {
+            tracing::debug!("prefix cache: copy into KV blocks skipped ({e})");
+            if let Some(pool) = &mut self.pool {
+                pool.release(&mut table);
+            }
+            return;
+        }
+        let bytes = entry.bytes();
+        let entry = Stored::Paged(Arc::new(entry));
+        self.prefixes.keep(key, tokens, entry, bytes);
+        self.take_back_prefix_blocks();
+    }
+
+    /// At `r`'s end: keeps its history of `tokens` in the prefix cache. Paged, the entry takes
+    /// over the blocks that hold it (no copy, no free block needed); `r` keeps the rest, given
+    /// back when it is released.
+    pub(super) fn insert_finished(&mut self, r: &mut Running, tokens: &[u32]) {
+        if self.paged.is_none() {
+            self.prefixes.insert(&r.key, tokens, &r.cache);
+            return;
+        }
+        let keep = KvBlocks::blocks_for(tokens.len());
+        if keep > r.blocks.len() || !self.prefixes.wants(&r.key, tokens, &r.cache) {
+            return;
+        }
+        let empty = r.cache.empty_like();
+        let mut entry = std::mem::replace(&mut r.cache, empty);
+        entry.truncate(tokens.len());
+        let table: Vec<u32> = r.blocks.drain(..keep).collect();
+        if let Err(e) = entry.set_table(table.clone()) {
+            // Never: the first blocks hold the first positions.
+            tracing::error!("prefix cache: {e}");
+            r.blocks.splice(0..0, table);
+            return;
+        }
+        give_blocks(r);
+        let bytes = entry.bytes();
+        let key = r.key.clone();
+        self.prefixes
+            .keep(&key, tokens, Stored::Paged(Arc::new(entry)), bytes);
+        self.take_back_prefix_blocks();
+    }
+
+    /// Returns the blocks of paged prefix entries that are gone to the pool.
+    fn take_back_prefix_blocks(&mut self) {
+        let mut freed = self.prefixes.take_freed_blocks();
+        if let Some(pool) = &mut self.pool {
+            pool.release(&mut freed);
+        }
     }
 
     /// Whether `positions` more positions' blocks are free, after evicting cached prefixes if
@@ -79,7 +198,7 @@ impl KvMemory {
     pub(super) fn grant(&mut self, r: &mut Running, positions: usize) -> bool {
         if let Some(pool) = &mut self.pool {
             if grow_ahead(pool, &mut r.blocks, positions, r.cache.max_len()) {
-                r.cache.set_limit(r.blocks.len() * BLOCK_POSITIONS);
+                give_blocks(r);
                 return true;
             }
         }
@@ -88,7 +207,7 @@ impl KvMemory {
                 return true;
             };
             if pool.grow(&mut r.blocks, positions) {
-                r.cache.set_limit(r.blocks.len() * BLOCK_POSITIONS);
+                give_blocks(r);
                 return true;
             }
             if !self.evict_prefix() {
@@ -102,13 +221,19 @@ impl KvMemory {
         if let Some(pool) = &mut self.pool {
             pool.release(&mut r.blocks);
         }
-        r.cache.set_limit(0);
+        r.cache.truncate(0);
+        give_blocks(r);
     }
 
     /// Makes the prefix cache's block table match its entries after inserts: it takes free
     /// blocks for new entries, evicting the oldest entries while the pool has too few, and gives
     /// back the blocks of entries gone.
     pub(super) fn settle_prefixes(&mut self) {
+        self.take_back_prefix_blocks();
+        if self.paged.is_some() {
+            // Paged entries hold blocks of their own.
+            return;
+        }
         let Some(pool) = &mut self.pool else {
             return;
         };

@@ -16,6 +16,8 @@ pub struct EngineMetrics {
     pub kv_cache_bytes: IntGauge,
     /// The KV pool's blocks (with a KV budget), and those running sequences hold.
     pub kv_blocks_total: IntGauge,
+    /// 1 when the KV blocks are paged in one pool on the device, 0 for per-sequence buffers.
+    pub kv_paged: IntGauge,
     pub kv_blocks_used: IntGauge,
     /// The pool's blocks the prefix cache holds (evicted first when sequences need blocks).
     pub kv_blocks_prefix_cache: IntGauge,
@@ -89,6 +91,10 @@ impl EngineMetrics {
             kv_blocks_total: gauge(
                 "loraplex_kv_blocks_total",
                 "KV-cache blocks of 16 positions the KV budget holds (0: no budget)",
+            )?,
+            kv_paged: gauge(
+                "loraplex_kv_paged",
+                "1 when the KV blocks live in one paged pool on the device (0: per-sequence buffers)",
             )?,
             kv_blocks_used: gauge(
                 "loraplex_kv_blocks_used",

@@ -51,6 +51,11 @@ pub struct EngineConfig {
     /// Byte cap of the prefix cache (0: off): the keys and values of prompts and finished
     /// sequences, reused by later prompts that start the same way under the same adapters.
     pub prefix_cache_bytes: usize,
+    /// With a KV budget: keep every sequence's keys and values in one paged pool of its blocks
+    /// (`model::KvPool`, allocated at start on the model's device), read by the decode step
+    /// through block tables, and the prefix cache's entries in blocks of the same pool. Without
+    /// it, each sequence keeps its own buffers, capped at its blocks.
+    pub paged_kv: bool,
 }
 
 impl Default for EngineConfig {
@@ -61,6 +66,7 @@ impl Default for EngineConfig {
             prefill_chunk: 256,
             kv_budget_bytes: None,
             prefix_cache_bytes: 1 << 30,
+            paged_kv: false,
         }
     }
 }

@@ -47,11 +47,20 @@ impl StackKey {
     }
 }
 
+/// Where an entry's keys and values live.
+#[derive(Clone)]
+pub enum Stored {
+    /// Per layer, keys and values `[kv_heads, tokens.len(), head_dim]` of its own.
+    Tensors(Vec<(Tensor, Tensor)>),
+    /// A paged cache holding them in blocks of the engine's KV pool (given back through
+    /// [`PrefixCache::take_freed_blocks`] when the entry goes).
+    Paged(Arc<KvCache>),
+}
+
 struct Entry {
     key: StackKey,
     tokens: Vec<u32>,
-    /// Per layer, keys and values `[kv_heads, tokens.len(), head_dim]`.
-    kv: Vec<(Tensor, Tensor)>,
+    kv: Stored,
     bytes: usize,
     last_used: u64,
 }
@@ -59,13 +68,18 @@ struct Entry {
 /// What one lookup found: the first `len` positions of an entry's history.
 pub struct PrefixHit {
     pub len: usize,
-    kv: Vec<(Tensor, Tensor)>,
+    kv: Stored,
 }
 
 impl PrefixHit {
-    /// Writes the reused positions into an empty cache.
+    /// Writes the reused positions into an empty cache. From a paged entry, each layer is read
+    /// whole before it is written, so the entry's blocks may already have been handed to the
+    /// very cache it loads into (evicted to make its room) without harm.
     pub fn load_into(&self, cache: &mut KvCache) -> candle_core::Result<()> {
-        cache.load_prefix(&self.kv, self.len)
+        match &self.kv {
+            Stored::Tensors(kv) => cache.load_prefix(kv, self.len),
+            Stored::Paged(entry) => cache.load_prefix(&entry.snapshot(self.len)?, self.len),
+        }
     }
 }
 
@@ -75,6 +89,8 @@ pub struct PrefixCache {
     bytes: usize,
     cap: usize,
     clock: u64,
+    /// Pool blocks of paged entries that are gone, for the engine to take back.
+    freed: Vec<u32>,
 }
 
 /// How many leading tokens `a` and `b` share.
@@ -89,7 +105,36 @@ impl PrefixCache {
             bytes: 0,
             cap: cap_bytes,
             clock: 0,
+            freed: Vec::new(),
         }
+    }
+
+    /// The pool blocks of paged entries dropped since the last call.
+    pub fn take_freed_blocks(&mut self) -> Vec<u32> {
+        std::mem::take(&mut self.freed)
+    }
+
+    /// Pool blocks the paged entries hold.
+    pub fn paged_blocks(&self) -> usize {
+        (self.entries.iter())
+            .filter_map(|e| match &e.kv {
+                Stored::Paged(c) => c.paged_table().map(|(_, t)| t.len()),
+                Stored::Tensors(_) => None,
+            })
+            .sum()
+    }
+
+    /// Drops the entries `gone` selects, keeping their paged blocks for the engine.
+    fn remove_where(&mut self, gone: impl Fn(&Entry) -> bool) {
+        let freed = &mut self.freed;
+        self.entries.retain(|e| {
+            let drop = gone(e);
+            if let (true, Stored::Paged(c)) = (drop, &e.kv) {
+                freed.extend(c.paged_table().map_or(&[][..], |(_, t)| t));
+            }
+            !drop
+        });
+        self.bytes = self.entries.iter().map(|e| e.bytes).sum();
     }
 
     /// Whether it keeps anything (a cap above 0).
@@ -128,20 +173,22 @@ impl PrefixCache {
         })
     }
 
+    /// Whether the history of `tokens` from `cache` would be kept under `key`: the cache is
+    /// on, `cache` holds it, and no entry under `key` covers it already (entries of dropped
+    /// adapters are dropped on the way).
+    pub fn wants(&mut self, key: &StackKey, tokens: &[u32], cache: &KvCache) -> bool {
+        if self.cap == 0 || tokens.is_empty() || cache.len() < tokens.len() {
+            return false;
+        }
+        self.remove_where(|e| !e.key.alive());
+        !(self.entries.iter()).any(|e| e.key.same(key) && e.tokens.starts_with(tokens))
+    }
+
     /// Keeps the history of `tokens` (the first `tokens.len()` positions of `cache`) under
     /// `key`, unless an entry already covers it; an entry it extends is replaced. Evicts the
     /// least recently used entries beyond the cap. Errors (device memory) only skip the entry.
     pub fn insert(&mut self, key: &StackKey, tokens: &[u32], cache: &KvCache) {
-        if self.cap == 0 || tokens.is_empty() || cache.len() < tokens.len() {
-            return;
-        }
-        self.entries.retain(|e| e.key.alive());
-        let same_key = |e: &Entry| e.key.same(key);
-        if self
-            .entries
-            .iter()
-            .any(|e| same_key(e) && e.tokens.starts_with(tokens))
-        {
+        if !self.wants(key, tokens, cache) {
             return;
         }
         let kv = match cache.snapshot(tokens.len()) {
@@ -156,11 +203,13 @@ impl PrefixCache {
             .flat_map(|(k, v)| [k, v])
             .map(|t| t.elem_count() * t.dtype().size_in_bytes())
             .sum();
-        if bytes > self.cap {
-            return;
-        }
-        self.entries
-            .retain(|e| !(same_key(e) && tokens.starts_with(&e.tokens)));
+        self.keep(key, tokens, Stored::Tensors(kv), bytes);
+    }
+
+    /// Keeps `kv`, the history of `tokens` under `key` taking `bytes`, for a caller that checked
+    /// [`PrefixCache::wants`]: replaces the entries it extends, then evicts the least recently
+    /// used beyond the cap. Refused (and, paged, its blocks freed) when larger than the cap.
+    pub fn keep(&mut self, key: &StackKey, tokens: &[u32], kv: Stored, bytes: usize) {
         self.clock += 1;
         self.entries.push(Entry {
             key: key.clone(),
@@ -169,22 +218,20 @@ impl PrefixCache {
             bytes,
             last_used: self.clock,
         });
-        self.bytes = self.entries.iter().map(|e| e.bytes).sum();
+        let (newest, too_big) = (self.clock, bytes > self.cap);
+        self.remove_where(|e| match e.last_used == newest {
+            true => too_big,
+            false => !too_big && e.key.same(key) && tokens.starts_with(&e.tokens),
+        });
         while self.bytes > self.cap && self.evict_oldest() {}
     }
 
     /// Drops the least recently used entry; false when there is none.
     pub fn evict_oldest(&mut self) -> bool {
-        let Some(oldest) = self
-            .entries
-            .iter()
-            .enumerate()
-            .min_by_key(|(_, e)| e.last_used)
-            .map(|(i, _)| i)
-        else {
+        let Some(oldest) = self.entries.iter().map(|e| e.last_used).min() else {
             return false;
         };
-        self.bytes -= self.entries.swap_remove(oldest).bytes;
+        self.remove_where(|e| e.last_used == oldest);
         true
     }
 

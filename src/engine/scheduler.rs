@@ -1,14 +1,14 @@
 //! The scheduler loop (runs on its own thread): admit, batch, forward, sample, stream, retire.
 
 use super::admission::{admit, plan_with_blocks, reuse_late};
-use super::kv_blocks::KvBlocks;
+use super::kv_blocks::{KvBlocks, BLOCK_POSITIONS};
 use super::kv_memory::KvMemory;
 use super::metrics::EngineMetrics;
 use super::prefix_cache::PrefixCache;
 use super::running::Running;
 use super::vllm_metrics::VllmSnapshot;
 use super::{EngineConfig, EngineEvent, Submission};
-use crate::model::LoadedModel;
+use crate::model::{KvPool, LoadedModel};
 use crate::runtime::{Backend, LogitsMode, SeqInput};
 use crate::sampling::logprobs;
 use candle_core::Tensor;
@@ -29,7 +29,12 @@ pub(super) fn run(
     // Preempted sequences, oldest first; they return before any new submission.
     let mut preempted: VecDeque<Running> = VecDeque::new();
     let mut running: Vec<Running> = Vec::new();
-    let mut mem = KvMemory::new(pool, PrefixCache::new(cfg.prefix_cache_bytes));
+    let paged = match (&pool, cfg.paged_kv) {
+        (Some(blocks), true) => paged_storage(&model, blocks.total()),
+        _ => None,
+    };
+    let mut mem = KvMemory::new(pool, PrefixCache::new(cfg.prefix_cache_bytes), paged);
+    metrics.kv_paged.set(i64::from(mem.is_paged()));
     // The backend is fixed by the model's device; it says how many rows one forward call holds.
     let row_budget = match Backend::of(model.llama.device()) {
         Ok(b) => b.row_budget(),
@@ -97,6 +102,22 @@ pub(super) fn run(
         mem.settle_prefixes();
         metrics.prefix_cache_bytes.set(mem.prefixes.bytes() as i64);
         publish(&metrics, &cfg, &mem, &running, &waiting, &preempted);
+    }
+}
+
+/// The device storage of a pool of `blocks` KV blocks for paged caches; `None` (each sequence
+/// keeps its own buffers) when the device cannot hold it, with a warning.
+fn paged_storage(model: &LoadedModel, blocks: usize) -> Option<Arc<KvPool>> {
+    let llama = &model.llama;
+    let (_, nkv, hd) = llama.cfg.heads();
+    let layers = llama.cfg.num_hidden_layers;
+    let at = (llama.dtype(), llama.device());
+    match KvPool::new(layers, blocks, BLOCK_POSITIONS, (nkv, hd), at.0, at.1) {
+        Ok(pool) => Some(Arc::new(pool)),
+        Err(e) => {
+            tracing::warn!("paged KV storage of {blocks} blocks failed ({e}): each sequence keeps its own KV buffers");
+            None
+        }
     }
 }
 
@@ -276,7 +297,7 @@ fn step(
             }
             r.prefilled += toks.len();
             if *completes {
-                mem.prefixes.insert(&r.key, r.fill(), &r.cache);
+                mem.insert_prefix(&r.key, r.fill(), &r.cache);
             }
         }
         if !completes {
@@ -338,7 +359,7 @@ fn step(
                     let mut fed = r.sub.req.prompt_ids.clone();
                     fed.extend_from_slice(&r.state.ids);
                     fed.truncate(r.cache.len());
-                    mem.prefixes.insert(&r.key, &fed, &r.cache);
+                    mem.insert_finished(r, &fed);
                     let _ = r.sub.events.send(EngineEvent::Done {
                         reason,
                         prompt_tokens: r.sub.req.prompt_ids.len(),

@@ -8,6 +8,30 @@ use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
+/// Where the KV budget's blocks live (`serve --kv-layout`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum KvLayout {
+    /// Paged on a GPU, buffers on the CPU.
+    #[default]
+    Auto,
+    /// One pool of blocks on the device, read through block tables.
+    Paged,
+    /// Each sequence's own buffers, capped at its blocks.
+    Buffers,
+}
+
+impl KvLayout {
+    /// Whether caches are paged on `device`.
+    pub fn paged_on(self, device: &candle_core::Device) -> bool {
+        match self {
+            Self::Auto => !device.is_cpu(),
+            Self::Paged => true,
+            Self::Buffers => false,
+        }
+    }
+}
+
 /// Everything `serve` needs. Every field is a TOML key of the same name.
 #[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
@@ -28,6 +52,10 @@ pub struct ServeConfig {
     /// free GPU memory after loading on a GPU, half the available host memory on the CPU). A
     /// request waits while its prompt's blocks are not free.
     pub kv_cache_bytes: Option<u64>,
+    /// Where the KV budget's blocks live: `"paged"` (one pool on the device, read through block
+    /// tables), `"buffers"` (each sequence's own buffers, capped at its blocks) or `"auto"`
+    /// (paged on a GPU, buffers on the CPU, whose fast path reads contiguous buffers).
+    pub kv_layout: KvLayout,
     pub host: String,
     pub port: u16,
     /// Folder whose subfolders are PEFT adapters, named by the folder.
@@ -85,6 +113,7 @@ impl Default for ServeConfig {
             device: DeviceSpec::Auto,
             dtype: DtypeSpec::Auto,
             kv_cache_bytes: None,
+            kv_layout: KvLayout::Auto,
             host: "127.0.0.1".into(),
             port: 8000,
             adapters_dir: PathBuf::from("adapters"),

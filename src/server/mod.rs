@@ -21,7 +21,7 @@ mod resolve;
 mod stream;
 mod wire;
 
-pub use config::ServeConfig;
+pub use config::{KvLayout, ServeConfig};
 pub use errors::ApiError;
 
 use crate::adapters::{AdapterMetrics, AdapterRegistry};
@@ -250,15 +250,20 @@ pub async fn build_state(cfg: &ServeConfig) -> Result<Shared> {
             prefill_chunk: cfg.prefill_chunk,
             kv_budget_bytes,
             prefix_cache_bytes: usize::try_from(cfg.prefix_cache_bytes).unwrap_or(usize::MAX),
+            paged_kv: cfg.kv_layout.paged_on(model.llama.device()),
         },
         engine_metrics.clone(),
     );
     match (kv_budget_bytes, engine.kv_capacity()) {
         (Some(b), Some(positions)) => tracing::info!(
-            "KV budget: {:.1} MB, {} blocks of {} positions ({positions} positions)",
+            "KV budget: {:.1} MB, {} blocks of {} positions ({positions} positions), {}",
             b as f64 / 1e6,
             positions / crate::engine::BLOCK_POSITIONS,
             crate::engine::BLOCK_POSITIONS,
+            match cfg.kv_layout.paged_on(model.llama.device()) {
+                true => "paged in one pool",
+                false => "in per-sequence buffers",
+            },
         ),
         _ => tracing::info!("KV budget: none (no memory figure for this device)"),
     }
