@@ -91,6 +91,20 @@ impl KvCache {
         Ok(())
     }
 
+    /// For a paged cache: writes `k`, `v` (`[kv_heads, new, head_dim]`) of `layer` at positions
+    /// `len()..len() + new` of its blocks, without reading the history back (a caller that reads
+    /// the blocks in place); they become pending, as `append` makes them.
+    pub fn write_paged(&mut self, layer: usize, k: &Tensor, v: &Tensor) -> Result<()> {
+        let end = self.len + k.dims3()?.1;
+        self.check_end(end)?;
+        let Store::Paged { pool, table } = &self.store else {
+            candle_core::bail!("write_paged on a cache that is not paged");
+        };
+        pool.write(layer, table, self.len, k, v)?;
+        self.pending = end;
+        Ok(())
+    }
+
     /// For a paged cache, before its caller writes positions `len()..end` into the pool itself
     /// (batched decode): checks that the context and the blocks cover them and makes them
     /// pending, as `append` does.

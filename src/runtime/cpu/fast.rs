@@ -273,6 +273,94 @@ fn attend_head(
     Ok(out)
 }
 
+/// One sequence's K/V history for one layer: its cache's buffers (`[nkv, cap, hd]` views of the
+/// first `len` positions), or the layer's paged pools read through its block table.
+enum History {
+    Buffers {
+        k: Tensor,
+        v: Tensor,
+    },
+    Paged {
+        k: Tensor,
+        v: Tensor,
+        table: Vec<u32>,
+        bs: usize,
+        len: usize,
+    },
+}
+
+impl History {
+    fn tensors(&self) -> (&Tensor, &Tensor) {
+        match self {
+            Self::Buffers { k, v } | Self::Paged { k, v, .. } => (k, v),
+        }
+    }
+
+    /// Positions in the history.
+    fn len(&self) -> usize {
+        match self {
+            Self::Buffers { k, .. } => k.dims()[1],
+            Self::Paged { len, .. } => *len,
+        }
+    }
+}
+
+/// One KV head's rows in a paged pool: block `i` of the history holds `bs` rows of `hd` at
+/// `runs[i]` in `k` and `v`.
+struct PagedRuns<'a> {
+    k: &'a [f32],
+    v: &'a [f32],
+    runs: &'a [usize],
+    bs: usize,
+}
+
+/// [`attend_head`] over a paged history of `t` positions: the scores and the weighted sum run
+/// block by block, with the same per-row arithmetic, so the result equals the contiguous one.
+fn attend_head_paged(
+    q: &[f32],
+    kv: &PagedRuns<'_>,
+    t: usize,
+    off: usize,
+    hd: usize,
+    scale: f32,
+) -> Result<Vec<f32>> {
+    let len = q.len() / hd;
+    let mut out = vec![0f32; len * hd];
+    let mut scores = vec![0f32; t];
+    let bs = kv.bs;
+    fn run<'a>(buf: &'a [f32], start: Option<&usize>, rows: usize) -> Result<&'a [f32]> {
+        start
+            .and_then(|&s| buf.get(s..s + rows))
+            .ok_or_else(|| candle_core::Error::msg("fast path: a KV block outside the pool"))
+    }
+    for i in 0..len {
+        let n = (off + i + 1).min(t);
+        let qi = &q[i * hd..(i + 1) * hd];
+        for (b, chunk) in scores[..n].chunks_mut(bs).enumerate() {
+            kernels::matvec_into(qi, run(kv.k, kv.runs.get(b), chunk.len() * hd)?, hd, chunk)?;
+        }
+        let mut max = f32::NEG_INFINITY;
+        for s in scores[..n].iter_mut() {
+            *s *= scale;
+            max = max.max(*s);
+        }
+        let mut sum = 0f32;
+        for s in scores[..n].iter_mut() {
+            *s = (*s - max).exp();
+            sum += *s;
+        }
+        for s in scores[..n].iter_mut() {
+            *s /= sum;
+        }
+        let o = &mut out[i * hd..(i + 1) * hd];
+        for (b, chunk) in scores[..n].chunks(bs).enumerate() {
+            let rows = run(kv.v, kv.runs.get(b), chunk.len() * hd)?;
+            kernels::weighted_rows_accumulate(chunk, rows, o)?;
+        }
+    }
+    Ok(out)
+}
+
 /// Attention of every sequence: RoPE on q/k, K/V appended to the caches, one output row per
 /// input row (`[m, heads * hd]`).
 fn attention(
@@ -321,7 +409,22 @@ fn attention(
         }
         let kt = Tensor::from_vec(kh, (nkv, len, hd), model.device())?;
         let vt = Tensor::from_vec(vh, (nkv, len, hd), model.device())?;
-        hist.push(s.cache.append(layer, &kt, &vt)?);
+        if let Some((pool, table)) = s.cache.paged_table() {
+            // Paged: written into its blocks, read there in place below.
+            let (pool, table) = (pool.clone(), table.to_vec());
+            s.cache.write_paged(layer, &kt, &vt)?;
+            let (kp, vp) = pool.layer(layer)?;
+            hist.push(History::Paged {
+                k: kp.clone(),
+                v: vp.clone(),
+                table,
+                bs: pool.block_positions(),
+                len: off + len,
+            });
+        } else {
+            let (k, v) = s.cache.append(layer, &kt, &vt)?;
+            hist.push(History::Buffers { k, v });
+        }
         r0 += len;
     }
     // (sequence, query head) pairs, each attending over its KV head's history.
@@ -330,7 +433,7 @@ fn attention(
     let mut total = 0;
     for (si, s) in seqs.iter().enumerate() {
         let len = s.tokens.len();
-        let t = hist[si].0.dims()[1];
+        let t = hist[si].len();
         for h in 0..nh {
             work.push((si, r0, len, s.cache.len(), h));
         }
@@ -339,7 +442,8 @@ fn attention(
     }
     let views = hist
         .iter()
-        .map(|(kt, vt)| {
+        .map(|h| {
+            let (kt, vt) = h.tensors();
             Ok((
                 View::new(kt)?,
                 View::new(vt)?,
@@ -351,19 +455,36 @@ fn attention(
     let one = |&(si, r0, len, off, h): &(usize, usize, usize, usize, usize)| {
         let (kv, vv, stride) = &views[si];
         let (ks, vs) = (kv.slice()?, vv.slice()?);
-        if stride.len() != 3 || stride[2] != 1 {
+        if stride.last() != Some(&1) {
             candle_core::bail!("fast path: unexpected KV cache layout {stride:?}");
         }
-        let t = hist[si].0.dims()[1];
-        let base = (h / group) * stride[0];
-        let span = (t.max(1) - 1) * stride[1] + hd;
         let mut qh = Vec::with_capacity(len * hd);
         for i in 0..len {
             let row = (r0 + i) * nh * hd + h * hd;
             qh.extend_from_slice(&q[row..row + hd]);
         }
-        let (kk, vvs) = (&ks[base..base + span], &vs[base..base + span]);
-        attend_head(&qh, kk, vvs, stride[1], t, off, hd, scale)
+        match &hist[si] {
+            History::Buffers { k, .. } => {
+                let t = k.dims()[1];
+                let base = (h / group) * stride[0];
+                let span = (t.max(1) - 1) * stride[1] + hd;
+                let (kk, vvs) = (&ks[base..base + span], &vs[base..base + span]);
+                attend_head(&qh, kk, vvs, stride[1], t, off, hd, scale)
+            }
+            History::Paged { table, bs, len, .. } => {
+                // Block b of KV head g: bs rows of hd at ((id · nkv + g) · bs) · hd.
+                let runs: Vec<usize> = (table.iter())
+                    .map(|&id| (id as usize * nkv + h / group) * bs * hd)
+                    .collect();
+                let blocks = PagedRuns {
+                    k: ks,
+                    v: vs,
+                    runs: &runs,
+                    bs: *bs,
+                };
+                attend_head_paged(&qh, &blocks, *len, off, hd, scale)
+            }
+        }
     };
     let outs: Vec<Vec<f32>> = if total >= ATTN_PARALLEL_MIN_WORK {
         work.par_iter().map(one).collect::<Result<_>>()?

@@ -95,8 +95,20 @@ pub(super) unsafe fn low_rank_cols(bt: &[f32], n: usize, j0: usize, t: &[f32], a
 /// The CPU must support AVX2 and FMA.
 #[target_feature(enable = "avx2,fma")]
 pub(super) unsafe fn low_rank_row(bt: &[f32], t: &[f32], acc: &mut [f32]) {
-    let n = acc.len();
     acc.fill(0.0);
+    // SAFETY: AVX2 and FMA are enabled here, as the caller guarantees.
+    unsafe { accumulate_rows(bt, t, acc) };
+}
+
+/// `acc[c] += Σ_r t[r] bt[r*n + c]` (`n = acc.len()`), continuing each column's chain of fused
+/// multiply-adds in `r` order: rows split over several calls give what one call over all of
+/// them gives.
+///
+/// # Safety
+/// The CPU must support AVX2 and FMA.
+#[target_feature(enable = "avx2,fma")]
+pub(super) unsafe fn accumulate_rows(bt: &[f32], t: &[f32], acc: &mut [f32]) {
+    let n = acc.len();
     let full = n / 8 * 8;
     for (r, &tr) in t.iter().enumerate() {
         let row = &bt[r * n..(r + 1) * n];

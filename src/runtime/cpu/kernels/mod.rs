@@ -553,6 +553,33 @@ fn matvec_with(x: &[f32], w: &[f32], k: usize, out: &mut [f32], isa: Isa) {
     }
 }
 
+/// `out[c] += Σ_j weights[j] rows[j * out.len() + c]`, continuing [`weighted_rows_sum`]'s
+/// per-column arithmetic: a weighted sum over rows split into runs (the blocks of a paged KV
+/// cache), zeroed once and accumulated run by run, equals one call over all the rows.
+pub fn weighted_rows_accumulate(weights: &[f32], rows: &[f32], out: &mut [f32]) -> Result<()> {
+    let n = out.len();
+    if rows.len() < weights.len() * n {
+        candle_core::bail!(
+            "weighted_rows_accumulate: {} values for {} rows of {n}",
+            rows.len(),
+            weights.len()
+        );
+    }
+    let rows = &rows[..weights.len() * n];
+    #[cfg(target_arch = "x86_64")]
+    if isa() >= Isa::Avx2 {
+        // SAFETY: `isa()` found AVX2 and FMA on this CPU.
+        unsafe { avx2::accumulate_rows(rows, weights, out) };
+        return Ok(());
+    }
+    for (row, &w) in rows.chunks(n.max(1)).zip(weights) {
+        for (a, x) in out.iter_mut().zip(row) {
+            *a += w * *x;
+        }
+    }
+    Ok(())
+}
+
 /// `out[c] = Σ_j weights[j] rows[j * stride + c]`: a weighted sum of rows `stride` apart (the
 /// attention's `p V`), summed in `j` order with fused multiply-adds where available.
 pub fn weighted_rows_sum(

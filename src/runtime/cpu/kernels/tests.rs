@@ -307,3 +307,30 @@ fn attention_helpers_match_naive_sums() {
         assert!(weighted_rows_sum(&p, &rows[..rows.len() - 1], stride, &mut out).is_err());
     }
 }
+
+/// A paged history's attention runs block by block: scores per block of rows and the weighted
+/// sum accumulated block by block give the bits of one pass over the contiguous rows.
+#[test]
+fn block_by_block_attention_sums_equal_one_pass() {
+    for (t, hd) in [(1, 64), (16, 64), (37, 64), (130, 13), (5, 100)] {
+        let q = randn(hd, t as u64);
+        let rows = randn(t * hd, 7);
+        let p = randn(t, 8);
+        let (mut whole, mut split) = (vec![0f32; t], vec![0f32; t]);
+        matvec_into(&q, &rows, hd, &mut whole).unwrap();
+        for (b, chunk) in split.chunks_mut(16).enumerate() {
+            let n = chunk.len();
+            matvec_into(&q, &rows[b * 16 * hd..(b * 16 + n) * hd], hd, chunk).unwrap();
+        }
+        assert_eq!(whole, split, "scores, t {t} hd {hd}");
+        let mut one = vec![0f32; hd];
+        weighted_rows_sum(&p, &rows, hd, &mut one).unwrap();
+        let mut acc = vec![0f32; hd];
+        for (b, w) in p.chunks(16).enumerate() {
+            let run = &rows[b * 16 * hd..(b * 16 + w.len()) * hd];
+            weighted_rows_accumulate(w, run, &mut acc).unwrap();
+        }
+        assert_eq!(one, acc, "weighted sum, t {t} hd {hd}");
+        assert!(weighted_rows_accumulate(&p, &rows[..t * hd - 1], &mut acc).is_err());
+    }
+}
