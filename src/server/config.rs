@@ -54,7 +54,7 @@ pub struct ServeConfig {
     pub kv_cache_bytes: Option<u64>,
     /// Where the KV budget's blocks live: `"paged"` (one pool on the device, read through block
     /// tables), `"buffers"` (each sequence's own buffers, capped at its blocks) or `"auto"`
-    /// (paged on a GPU, buffers on the CPU, whose fast path reads contiguous buffers).
+    /// (paged on a GPU, buffers on the CPU).
     pub kv_layout: KvLayout,
     pub host: String,
     pub port: u16,
