@@ -9,7 +9,8 @@
 #
 # `run` writes its logs and the table under $OUT when set (the device tool's output folder).
 # Environment for `run`: GPU_CHECK_BENCH_NEW (decode tokens per stream, default 128),
-# GPU_CHECK_BENCH_STREAMS (default 1,64), GPU_CHECK_SKIP_BENCH=1 to skip the benchmark.
+# GPU_CHECK_BENCH_STREAMS (default 1,64), GPU_CHECK_BENCH_LAYOUTS (default buffers,paged),
+# GPU_CHECK_SKIP_BENCH=1 to skip the benchmark.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 pack=gpu-pack
@@ -65,6 +66,7 @@ run() {
     if /tmp/lp/loraplex bench --model dummy:llama-3-8b --device cuda --dtype bf16 \
         --streams "${GPU_CHECK_BENCH_STREAMS:-1,64}" --adapters none,shared,distinct --rank 16 \
         --targets all-linear --prompt-len 128 --new-tokens "${GPU_CHECK_BENCH_NEW:-128}" \
+        --kv-layouts "${GPU_CHECK_BENCH_LAYOUTS:-buffers,paged}" \
         --warmup-secs 5 > "$out/bench.md" 2> "$out/bench.err"; then
       bench_ok="ok ($((SECONDS - t0)) s)"
     else

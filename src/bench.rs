@@ -7,10 +7,12 @@
 //! scheduler does). Decode tok/s counts the timed steps only (after `warmup_steps`); the
 //! process first decodes for `warmup_secs` to bring a GPU's clocks up. Adapters are synthetic
 //! (`lora::synthetic_adapter`), built on the device, never on disk: speed does not depend on
-//! the values, as with `dummy:` models.
+//! the values, as with `dummy:` models. Each case runs with the KV layouts asked for: every
+//! stream's own buffers, or one paged pool (`model::KvPool`, 16-position blocks, each stream's
+//! blocks interleaved with the others', as a busy server's tables are).
 
 use crate::lora::{synthetic::synthetic_adapter, LoraStack};
-use crate::model::{dummy, KvCache, LoadedModel, Proj};
+use crate::model::{dummy, KvCache, KvPool, LoadedModel, Proj};
 use crate::runtime::{self, device::memory_info, Backend, LogitsMode, SeqInput};
 use anyhow::{bail, Result};
 use candle_core::{Tensor, D};
@@ -30,11 +32,25 @@ pub enum AdapterCase {
     Distinct,
 }
 
+/// Where the streams' keys and values live.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum BenchLayout {
+    /// Each stream's own growable buffers.
+    Buffers,
+    /// One pool of blocks read through block tables.
+    Paged,
+}
+
+/// Positions per block of the paged layout (the engine's).
+const BENCH_BLOCK: usize = 16;
+
 /// The workload.
 #[derive(Clone, Debug)]
 pub struct BenchSpec {
     pub streams: Vec<usize>,
     pub cases: Vec<AdapterCase>,
+    pub layouts: Vec<BenchLayout>,
     pub prompt_len: usize,
     pub new_tokens: usize,
     pub rank: usize,
@@ -49,6 +65,7 @@ pub struct BenchSpec {
 /// One measured case.
 #[derive(Clone, Debug, Serialize)]
 pub struct BenchRow {
+    pub layout: BenchLayout,
     pub streams: usize,
     pub case: AdapterCase,
     /// Distinct adapters in the batch.
@@ -69,8 +86,8 @@ pub fn run(
     spec: &BenchSpec,
     mut progress: impl FnMut(&str),
 ) -> Result<Vec<BenchRow>> {
-    if spec.streams.is_empty() || spec.cases.is_empty() {
-        bail!("bench: give at least one stream count and one adapter case");
+    if spec.streams.is_empty() || spec.cases.is_empty() || spec.layouts.is_empty() {
+        bail!("bench: give at least one stream count, adapter case and KV layout");
     }
     if spec.prompt_len == 0 || spec.new_tokens <= spec.warmup_steps {
         bail!("bench: prompt_len must be ≥ 1 and new_tokens more than warmup_steps");
@@ -110,48 +127,52 @@ pub fn run(
         progress(&format!("warming up for {:.0} s", spec.warmup_secs));
         let deadline = Instant::now() + Duration::from_secs_f64(spec.warmup_secs);
         while Instant::now() < deadline {
-            measure(model, spec, 1, &[None], spec.seed)?;
+            measure(model, spec, 1, &[None], spec.layouts[0])?;
         }
     }
     let mut rows: Vec<BenchRow> = Vec::new();
-    for &streams in &spec.streams {
-        for &case in &spec.cases {
-            progress(&format!("{streams} streams, adapters: {case:?}"));
-            let per_stream: Vec<Option<Arc<LoraStack>>> = (0..streams)
-                .map(|i| match case {
-                    AdapterCase::None => None,
-                    AdapterCase::Shared => stacks.first().cloned(),
-                    AdapterCase::Distinct => stacks.get(i % stacks.len().max(1)).cloned(),
-                })
-                .collect();
-            let (prefill, decode, ms) = measure(model, spec, streams, &per_stream, spec.seed)?;
-            let adapters = match case {
-                AdapterCase::None => 0,
-                AdapterCase::Shared => 1,
-                AdapterCase::Distinct => streams.min(stacks.len()),
-            };
-            let device_mem_used_bytes =
-                memory_info(llama.device())?.map(|(free, total)| total - free);
-            rows.push(BenchRow {
-                streams,
-                case,
-                adapters,
-                rank: if adapters == 0 { 0 } else { spec.rank },
-                prefill_tok_s: prefill,
-                decode_tok_s: decode,
-                ms_per_step: ms,
-                vs_base: None,
-                device_mem_used_bytes,
-            });
-        }
+    let cases = spec.layouts.iter().flat_map(|&l| {
+        (spec.streams.iter()).flat_map(move |&s| spec.cases.iter().map(move |&c| (l, s, c)))
+    });
+    for (layout, streams, case) in cases {
+        progress(&format!(
+            "{streams} streams, adapters: {case:?}, KV {layout:?}"
+        ));
+        let per_stream: Vec<Option<Arc<LoraStack>>> = (0..streams)
+            .map(|i| match case {
+                AdapterCase::None => None,
+                AdapterCase::Shared => stacks.first().cloned(),
+                AdapterCase::Distinct => stacks.get(i % stacks.len().max(1)).cloned(),
+            })
+            .collect();
+        let (prefill, decode, ms) = measure(model, spec, streams, &per_stream, layout)?;
+        let adapters = match case {
+            AdapterCase::None => 0,
+            AdapterCase::Shared => 1,
+            AdapterCase::Distinct => streams.min(stacks.len()),
+        };
+        let device_mem_used_bytes = memory_info(llama.device())?.map(|(free, total)| total - free);
+        rows.push(BenchRow {
+            layout,
+            streams,
+            case,
+            adapters,
+            rank: if adapters == 0 { 0 } else { spec.rank },
+            prefill_tok_s: prefill,
+            decode_tok_s: decode,
+            ms_per_step: ms,
+            vs_base: None,
+            device_mem_used_bytes,
+        });
     }
-    let base: Vec<(usize, f64)> = rows
+    let base: Vec<(BenchLayout, usize, f64)> = rows
         .iter()
         .filter(|r| r.case == AdapterCase::None)
-        .map(|r| (r.streams, r.decode_tok_s))
+        .map(|r| (r.layout, r.streams, r.decode_tok_s))
         .collect();
     for r in &mut rows {
-        if let Some((_, b)) = base.iter().find(|(s, _)| *s == r.streams) {
+        let same = |(l, s, _): &&(BenchLayout, usize, f64)| *l == r.layout && *s == r.streams;
+        if let Some((_, _, b)) = base.iter().find(same) {
             r.vs_base = Some(r.decode_tok_s / b);
         }
     }
@@ -164,17 +185,16 @@ fn measure(
     spec: &BenchSpec,
     streams: usize,
     loras: &[Option<Arc<LoraStack>>],
-    seed: u64,
+    layout: BenchLayout,
 ) -> Result<(f64, f64, f64)> {
+    let seed = spec.seed;
     let llama = &model.llama;
     let budget = Backend::of(llama.device())?.row_budget();
     let positions = spec.prompt_len + spec.new_tokens;
     let prompts: Vec<Vec<u32>> = (0..streams)
         .map(|i| dummy::prompt_ids(&llama.cfg, spec.prompt_len, seed + i as u64))
         .collect();
-    let mut caches: Vec<KvCache> = (0..streams)
-        .map(|_| KvCache::new(llama.cfg.num_hidden_layers, positions))
-        .collect();
+    let mut caches = new_caches(llama, streams, positions, layout)?;
     let lora = |i: usize| loras.get(i % loras.len().max(1)).cloned().flatten();
     // Prefill: sequences grouped into calls of at most the row budget (one alone if longer).
     let t0 = Instant::now();
@@ -203,6 +223,42 @@ fn measure(
         (streams * steps) as f64 / secs,
         secs * 1e3 / steps as f64,
     ))
+}
+
+/// `streams` empty caches for `positions` positions each, in `layout`: paged ones in one pool,
+/// stream `i` holding blocks `i, i + streams, i + 2·streams, ...`.
+fn new_caches(
+    llama: &crate::model::Llama,
+    streams: usize,
+    positions: usize,
+    layout: BenchLayout,
+) -> Result<Vec<KvCache>> {
+    let layers = llama.cfg.num_hidden_layers;
+    if layout == BenchLayout::Buffers {
+        return Ok((0..streams)
+            .map(|_| KvCache::new(layers, positions))
+            .collect());
+    }
+    let per_stream = positions.div_ceil(BENCH_BLOCK);
+    let (_, nkv, hd) = llama.cfg.heads();
+    let blocks = streams * per_stream;
+    let pool = KvPool::new(
+        layers,
+        blocks,
+        BENCH_BLOCK,
+        (nkv, hd),
+        llama.dtype(),
+        llama.device(),
+    )?;
+    let pool = Arc::new(pool);
+    (0..streams)
+        .map(|i| {
+            let mut c = KvCache::paged(pool.clone(), positions);
+            let table = (0..per_stream).map(|b| (i + b * streams) as u32).collect();
+            c.set_table(table)?;
+            Ok(c)
+        })
+        .collect()
 }
 
 /// One forward over every stream (stream `i` feeds `tokens[i]`), in calls of at most `per_call`
@@ -244,8 +300,8 @@ fn argmax(logits: &Tensor) -> Result<Vec<u32>> {
 /// The rows as a Markdown table.
 pub fn table(rows: &[BenchRow]) -> String {
     let mut out = String::from(
-        "| streams | adapters | rank | prefill tok/s | decode tok/s | ms/step | vs no adapter | device mem GiB |\n\
-         | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |\n",
+        "| KV | streams | adapters | rank | prefill tok/s | decode tok/s | ms/step | vs no adapter | device mem GiB |\n\
+         | --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |\n",
     );
     for r in rows {
         let case = match r.case {
@@ -254,7 +310,11 @@ pub fn table(rows: &[BenchRow]) -> String {
             AdapterCase::Distinct => format!("{} distinct", r.adapters),
         };
         out.push_str(&format!(
-            "| {} | {case} | {} | {:.0} | {:.1} | {:.2} | {} | {} |\n",
+            "| {} | {} | {case} | {} | {:.0} | {:.1} | {:.2} | {} | {} |\n",
+            match r.layout {
+                BenchLayout::Buffers => "buffers",
+                BenchLayout::Paged => "paged",
+            },
             r.streams,
             r.rank,
             r.prefill_tok_s,

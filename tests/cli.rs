@@ -322,15 +322,19 @@ fn bench_runs_every_case_on_a_dummy_model_and_refuses_bad_workloads() {
         "1",
         "--warmup-secs",
         "0",
+        "--kv-layouts",
+        "buffers,paged",
         "--json",
     ]);
     let rows = rows.as_array().unwrap();
-    assert_eq!(rows.len(), 6, "{rows:?}");
+    assert_eq!(rows.len(), 12, "{rows:?}");
     let adapters: Vec<u64> = rows
         .iter()
         .map(|r| r["adapters"].as_u64().unwrap())
         .collect();
-    assert_eq!(adapters, [0, 1, 1, 0, 1, 4]);
+    assert_eq!(adapters, [0, 1, 1, 0, 1, 4, 0, 1, 1, 0, 1, 4]);
+    let layouts: Vec<&str> = rows.iter().map(|r| r["layout"].as_str().unwrap()).collect();
+    assert_eq!(layouts, [["buffers"; 6], ["paged"; 6]].concat());
     for r in rows {
         assert!(r["decode_tok_s"].as_f64().unwrap() > 0.0, "{r}");
         assert!(r["prefill_tok_s"].as_f64().unwrap() > 0.0, "{r}");

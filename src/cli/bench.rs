@@ -1,7 +1,7 @@
 //! `loraplex bench`: the fixed decode workload of `bench` on any device, as a table (or JSON).
 
 use super::ModelArgs;
-use crate::bench::{self, AdapterCase, BenchSpec};
+use crate::bench::{self, AdapterCase, BenchLayout, BenchSpec};
 use crate::model::Proj;
 use anyhow::{bail, Result};
 
@@ -16,6 +16,10 @@ pub struct BenchArgs {
     /// (one per stream).
     #[arg(long, value_enum, value_delimiter = ',', default_values_t = vec![AdapterCase::None, AdapterCase::Shared, AdapterCase::Distinct])]
     pub adapters: Vec<AdapterCase>,
+    /// KV layouts, comma-separated: buffers (each stream's own), paged (one pool of 16-position
+    /// blocks read through block tables); each case runs in each.
+    #[arg(long, value_enum, value_delimiter = ',', default_values_t = vec![BenchLayout::Buffers])]
+    pub kv_layouts: Vec<BenchLayout>,
     /// Prompt tokens per stream (seeded random ids).
     #[arg(long, default_value_t = 128)]
     pub prompt_len: usize,
@@ -69,6 +73,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
     let spec = BenchSpec {
         streams: a.streams.clone(),
         cases: a.adapters.clone(),
+        layouts: a.kv_layouts.clone(),
         prompt_len: a.prompt_len,
         new_tokens: a.new_tokens,
         rank: a.rank,
