@@ -271,6 +271,12 @@ fn paged_kv_layout_answers_as_alone_under_preemption() {
     let server = f.serve(&["--kv-cache-bytes", "60000", "--kv-layout", "paged"]);
     assert_eq!(server.metric("loraplex_kv_blocks_total"), 7.0);
     assert_eq!(server.metric("loraplex_kv_paged"), 1.0);
+    // 7 blocks of 16 positions of 512 bytes, allocated at start, are the device's KV memory.
+    assert_eq!(server.metric("loraplex_kv_pool_bytes"), 7.0 * 16.0 * 512.0);
+    assert_eq!(
+        server.metric("loraplex_device_memory_bytes{kind=\"kv\"}"),
+        7.0 * 16.0 * 512.0
+    );
     let names = ["all-r8".to_string(), "attn-r4".to_string()];
     let seen = server.run_python("openai_concurrent.py", &[BASE, &names.join(","), "8"]);
     assert_eq!(seen["equal"], true, "{seen}");

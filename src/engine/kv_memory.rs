@@ -73,6 +73,13 @@ impl KvMemory {
         self.paged.is_some()
     }
 
+    /// Bytes of the paged storage (0 without one).
+    pub(super) fn pool_bytes(&self) -> usize {
+        self.paged
+            .as_ref()
+            .map_or(0, |p| p.blocks() * p.block_bytes())
+    }
+
     /// An empty cache for a sequence of at most `positions` positions: paged in the pool's
     /// storage, or buffers of its own.
     pub(super) fn new_cache(&self, num_layers: usize, positions: usize) -> KvCache {

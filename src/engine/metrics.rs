@@ -18,6 +18,8 @@ pub struct EngineMetrics {
     pub kv_blocks_total: IntGauge,
     /// 1 when the KV blocks are paged in one pool on the device, 0 for per-sequence buffers.
     pub kv_paged: IntGauge,
+    /// Bytes of the paged pool, allocated at start (0: per-sequence buffers).
+    pub kv_pool_bytes: IntGauge,
     pub kv_blocks_used: IntGauge,
     /// The pool's blocks the prefix cache holds (evicted first when sequences need blocks).
     pub kv_blocks_prefix_cache: IntGauge,
@@ -95,6 +97,10 @@ impl EngineMetrics {
             kv_paged: gauge(
                 "loraplex_kv_paged",
                 "1 when the KV blocks live in one paged pool on the device (0: per-sequence buffers)",
+            )?,
+            kv_pool_bytes: gauge(
+                "loraplex_kv_pool_bytes",
+                "Bytes of the paged KV pool, allocated at start on the device (0: per-sequence buffers)",
             )?,
             kv_blocks_used: gauge(
                 "loraplex_kv_blocks_used",

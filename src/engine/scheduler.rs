@@ -35,6 +35,7 @@ pub(super) fn run(
     };
     let mut mem = KvMemory::new(pool, PrefixCache::new(cfg.prefix_cache_bytes), paged);
     metrics.kv_paged.set(i64::from(mem.is_paged()));
+    metrics.kv_pool_bytes.set(mem.pool_bytes() as i64);
     // The backend is fixed by the model's device; it says how many rows one forward call holds.
     let row_budget = match Backend::of(model.llama.device()) {
         Ok(b) => b.row_budget(),

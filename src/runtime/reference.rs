@@ -12,7 +12,7 @@ use super::decode_attention::{append_kv_rows, decode_attention, KvBuffers};
 use super::lora_rows::{apply_lora_rows, LoraSetRef};
 use super::paged_kv::{paged_append_kv_rows, paged_decode_attention, PagedKv};
 use crate::lora::LoraStack;
-use crate::model::{KvPool, Llama, Proj};
+use crate::model::{KvCache, KvPool, Llama, Proj};
 use candle_core::{DType, Device, Result, Tensor};
 use std::sync::Arc;
 
@@ -269,6 +269,35 @@ fn attend_decode(
     decode_attention(&q, &views, &len, scale)
 }
 
+/// Appends a prompt chunk's keys and values (`[nkv, len, hd]`) to `cache` and returns its whole
+/// history. A paged cache takes the chunk in one append op (one pool slot per row: one launch on
+/// a GPU) instead of one copy per block it touches.
+fn append_chunk(
+    cache: &mut KvCache,
+    l: usize,
+    ks: &Tensor,
+    vs: &Tensor,
+) -> Result<(Tensor, Tensor)> {
+    let Some((pool, table)) = cache.paged_table().map(|(p, t)| (p.clone(), t.to_vec())) else {
+        return cache.append(l, ks, vs);
+    };
+    let len = ks.dims3()?.1;
+    let off = cache.len();
+    cache.begin_paged_write(off + len)?;
+    let rows = |t: &Tensor| t.transpose(0, 1)?.contiguous();
+    let tables = vec![&table[..]; len];
+    let pos: Vec<usize> = (off..off + len).collect();
+    let (kp, vp) = pool.layer(l)?;
+    paged_append_kv_rows(
+        &rows(ks)?,
+        &rows(vs)?,
+        PagedKv { k: kp, v: vp },
+        &tables,
+        &pos,
+    )?;
+    pool.read(l, &table, off + len)
+}
+
 /// The pool every sequence's cache is paged in; `None` when none is paged; an error when only
 /// some are, or they use different pools (one op cannot read them together).
 fn shared_pool(seqs: &[SeqInput<'_>]) -> Result<Option<Arc<KvPool>>> {
@@ -318,7 +347,7 @@ fn attend_each(
         let qs = model.rope().apply(&heads(q, nh)?, off, false)?;
         let ks = model.rope().apply(&heads(k, nkv)?, off, false)?;
         let vs = heads(v, nkv)?;
-        let (k_all, v_all) = s.cache.append(l, &ks, &vs)?;
+        let (k_all, v_all) = append_chunk(s.cache, l, &ks, &vs)?;
         let t = off + len;
         // Query heads h = kv * group + g share kv head `kv`: fold the group into rows.
         let qg = qs.reshape((nkv, group * len, hd))?;

@@ -180,9 +180,13 @@ pub async fn metrics(State(state): State<Shared>) -> Response {
     // Refresh cache gauges before rendering.
     let _ = state.adapters.list().await;
     let memory = &state.metrics.device_memory;
-    memory
-        .with_label_values(&["kv"])
-        .set(state.engine_metrics.kv_cache_bytes.get());
+    // Paged, the whole pool is allocated at start; otherwise the running caches hold theirs.
+    let pool = state.engine_metrics.kv_pool_bytes.get();
+    let kv = match pool {
+        0 => state.engine_metrics.kv_cache_bytes.get(),
+        _ => pool,
+    };
+    memory.with_label_values(&["kv"]).set(kv);
     memory
         .with_label_values(&["adapters"])
         .set(state.adapters.bytes_on_device() as i64);
