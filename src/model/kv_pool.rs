@@ -135,28 +135,40 @@ impl KvPool {
     /// Positions `0..len` of `table` in layer `l` as `[nkv, len, hd]` keys and values (copies).
     pub fn read(&self, l: usize, table: &[u32], len: usize) -> Result<(Tensor, Tensor)> {
         let (kp, vp) = self.layer(l)?;
-        let bs = self.block_positions;
-        let used = len.div_ceil(bs);
-        if used > table.len() {
-            bail!(
-                "{len} positions are past the {} positions of the KV blocks",
-                table.len() * bs
-            );
-        }
+        let used = len.div_ceil(self.block_positions).min(table.len());
         self.check_table(&table[..used])?;
-        let (nkv, hd) = self.heads;
-        if used == 0 {
-            let empty = Tensor::zeros((nkv, 0, hd), kp.dtype(), kp.device())?;
-            return Ok((empty.clone(), empty));
-        }
-        let ids = Tensor::from_slice(&table[..used], used, kp.device())?;
-        let one = |pool: &Tensor| -> Result<Tensor> {
-            // [used, nkv, bs, hd] -> [nkv, used · bs, hd] -> the first len positions.
-            let blocks = pool.index_select(&ids, 0)?.transpose(0, 1)?.contiguous()?;
-            blocks.reshape((nkv, used * bs, hd))?.narrow(1, 0, len)
-        };
-        Ok((one(kp)?, one(vp)?))
+        gather_history(kp, vp, table, len)
     }
+}
+
+/// Positions `0..len` of `table` from one layer's pools `k`, `v` (`[blocks, nkv, bs, hd]`) as
+/// `[nkv, len, hd]` keys and values (copies). The table's first `⌈len / bs⌉` ids must be blocks
+/// of the pools (callers check; `index_select` errors otherwise).
+pub fn gather_history(
+    k: &Tensor,
+    v: &Tensor,
+    table: &[u32],
+    len: usize,
+) -> Result<(Tensor, Tensor)> {
+    let (_, nkv, bs, hd) = k.dims4()?;
+    let used = len.div_ceil(bs.max(1));
+    if used > table.len() {
+        bail!(
+            "{len} positions are past the {} positions of the KV blocks",
+            table.len() * bs
+        );
+    }
+    if used == 0 {
+        let empty = Tensor::zeros((nkv, 0, hd), k.dtype(), k.device())?;
+        return Ok((empty.clone(), empty));
+    }
+    let ids = Tensor::from_slice(&table[..used], used, k.device())?;
+    let one = |pool: &Tensor| -> Result<Tensor> {
+        // [used, nkv, bs, hd] -> [nkv, used · bs, hd] -> the first len positions.
+        let blocks = pool.index_select(&ids, 0)?.transpose(0, 1)?.contiguous()?;
+        blocks.reshape((nkv, used * bs, hd))?.narrow(1, 0, len)
+    };
+    Ok((one(k)?, one(v)?))
 }
 
 #[cfg(test)]

@@ -18,6 +18,7 @@ use super::decode_attention::{
     check_dtype, check_heads, check_like, decode_attention_reference, host_f32, storage_range,
     CHECK_CASES,
 };
+use crate::model::kv_pool::gather_history;
 use candle_core::{bail, DType, Device, Result, Tensor};
 
 /// One layer's KV pool: `k` and `v` are `[blocks, nkv, bs, hd]` each, contiguous, of one dtype
@@ -216,7 +217,7 @@ pub fn paged_decode_attention(
     match q.device() {
         Device::Cpu => {
             let kv = (tables.iter().zip(len))
-                .map(|(t, &l)| gather(pool, t, l, shape))
+                .map(|(t, &l)| gather(pool, t, l))
                 .collect::<Result<Vec<_>>>()?;
             let kv: Vec<_> = (kv.iter().zip(len))
                 .map(|((k, v), &l)| (&k[..], &v[..], l))
@@ -238,21 +239,9 @@ pub fn paged_decode_attention(
 }
 
 /// Row positions `0..len` of `table` as host f32 `[nkv, len, hd]` keys and values.
-fn gather(
-    pool: PagedKv<'_>,
-    table: &[u32],
-    len: usize,
-    shape: PoolShape,
-) -> Result<(Vec<f32>, Vec<f32>)> {
-    let used = len.div_ceil(shape.bs);
-    let ids = Tensor::from_slice(&table[..used], used, pool.k.device())?;
-    let one = |pool: &Tensor| -> Result<Vec<f32>> {
-        // [used, nkv, bs, hd] -> [nkv, used · bs, hd] -> the first len positions.
-        let blocks = pool.index_select(&ids, 0)?.transpose(0, 1)?.contiguous()?;
-        let rows = blocks.reshape((shape.nkv, used * shape.bs, shape.hd))?;
-        host_f32(&rows.narrow(1, 0, len)?)
-    };
-    Ok((one(pool.k)?, one(pool.v)?))
+fn gather(pool: PagedKv<'_>, table: &[u32], len: usize) -> Result<(Vec<f32>, Vec<f32>)> {
+    let (k, v) = gather_history(pool.k, pool.v, table, len)?;
+    Ok((host_f32(&k)?, host_f32(&v)?))
 }
 
 pub use super::kernel_tolerance as tolerance;

@@ -37,11 +37,7 @@ fn pool(seed: u64) -> (Tensor, Tensor) {
 /// Row `row`'s first `cap` positions as contiguous `[nkv, cap, hd]` copies (the layout of
 /// `decode_attention`'s buffers).
 fn contiguous(k: &Tensor, table: &[u32], cap: usize) -> Result<Tensor> {
-    let ids = Tensor::from_slice(table, table.len(), &Device::Cpu)?;
-    let rows = k.index_select(&ids, 0)?.transpose(0, 1)?.contiguous()?;
-    rows.reshape((NKV, table.len() * BS, HD))?
-        .narrow(1, 0, cap)?
-        .contiguous()
+    gather_history(k, k, table, cap)?.0.contiguous()
 }
 
 #[test]
