@@ -383,6 +383,53 @@ fn sequences_preempted_while_scoring_their_prompt_score_it_once_as_alone() {
     }
 }
 
+/// A burst whose prompts start with a cached prefix (20 tokens, loaded at admission) and then
+/// share 50 new tokens: the later ones wait, then swap their short prefix for the long one
+/// (their cache emptied and refilled while they hold their blocks). Answers as alone, in both
+/// KV layouts.
+#[test]
+fn a_longer_shared_prefix_replaces_a_loaded_short_one() {
+    let start: Vec<u32> = (0..20).map(|k| (k * 7) % 250 + 3).collect();
+    let shared: Vec<u32> = (0..50).map(|k| (k * 11) % 250 + 3).collect();
+    let prompts: Vec<Vec<u32>> = (0..3u32)
+        .map(|i| {
+            let tail = [200 + i, 7, 8, 9, 10];
+            start.iter().chain(&shared).copied().chain(tail).collect()
+        })
+        .collect();
+    let first: Vec<u32> = start.iter().copied().chain([99, 98, 97]).collect();
+    let (alone_engine, _) = engine_with_config(EngineConfig {
+        prefix_cache_bytes: 0,
+        ..EngineConfig::default()
+    });
+    let alone: Vec<Vec<u32>> = prompts
+        .iter()
+        .map(|p| collect(alone_engine.submit(request(p.clone(), 6)).unwrap()).unwrap())
+        .collect();
+    for paged_kv in [false, true] {
+        let (e, metrics) = engine_with_config(EngineConfig {
+            prefill_chunk: 4,
+            kv_budget_bytes: Some(40 * 16 * 512),
+            paged_kv,
+            ..EngineConfig::default()
+        });
+        collect(e.submit(request(first.clone(), 2)).unwrap()).unwrap();
+        let rxs: Vec<_> = prompts
+            .iter()
+            .map(|p| e.submit(request(p.clone(), 6)).unwrap())
+            .collect();
+        let got: Vec<Vec<u32>> = rxs.into_iter().map(|rx| collect(rx).unwrap()).collect();
+        assert_eq!(got, alone, "paged {paged_kv}");
+        // Each of the three loaded the 20-token start; the later two then the 70-token prefix.
+        assert_eq!(metrics.prefix_cache_hits.get(), 3, "paged {paged_kv}");
+        assert_eq!(
+            metrics.prefix_cache_reused_tokens.get(),
+            3 * 20 + 2 * 50,
+            "paged {paged_kv}"
+        );
+    }
+}
+
 /// Three prompts sharing a 50-token prefix (a system prompt, say) arrive together, before any
 /// cache holds it: the second and third wait for the first one's prefill and then start after
 /// the shared part, taken from the prefix cache; the answers are what each gets alone.

@@ -145,15 +145,16 @@ impl KvCache {
         self.limit = Some(positions);
     }
 
-    /// An empty cache of the same model, context and block limit.
+    /// An empty cache of the same model, context and block limit (paged: the same blocks).
     pub fn empty_like(&self) -> Self {
         let store = match &self.store {
             Store::Buffers(layers) => {
                 Store::Buffers(layers.iter().map(|_| LayerKv::default()).collect())
             }
-            Store::Paged { pool, .. } => Store::Paged {
+            // The same blocks: they are still granted (release empties the table first).
+            Store::Paged { pool, table } => Store::Paged {
                 pool: pool.clone(),
-                table: Vec::new(),
+                table: table.clone(),
             },
         };
         Self {
@@ -412,8 +413,10 @@ mod tests {
             assert_eq!(ka.to_vec3::<f32>().unwrap(), kb.to_vec3::<f32>().unwrap());
             assert_eq!(va.to_vec3::<f32>().unwrap(), vb.to_vec3::<f32>().unwrap());
         }
+        // An emptied cache keeps its blocks, as a buffer cache keeps its limit.
         let mut other = paged.empty_like();
-        assert_eq!((other.len(), other.bytes()), (0, 0));
+        assert_eq!((other.len(), other.bytes()), (0, 3 * pool.block_bytes()));
+        assert_eq!(other.paged_table().unwrap().1, [6, 2, 0]);
         other.set_table(vec![5, 1]).unwrap();
         other.load_prefix(&sb, 6).unwrap();
         let again = other.snapshot(6).unwrap();
