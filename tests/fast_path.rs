@@ -4,50 +4,17 @@
 mod common;
 
 use candle_core::Device;
+use common::paged::{run, stack};
 use common::*;
-use loraplex::lora::{LoraAdapter, LoraStack};
-use loraplex::model::{self, KvCache, LoadedModel};
+use loraplex::lora::LoraStack;
+use loraplex::model::{self, LoadedModel};
 use loraplex::runtime::{Kernels, LogitsMode, SeqInput};
 use std::sync::Arc;
 
-fn stack(m: &LoadedModel, names: &[(&str, f64)]) -> Arc<LoraStack> {
-    let members = names
-        .iter()
-        .map(|(n, w)| {
-            let a = LoraAdapter::load(n, &tiny_adapter(n), &m.llama.cfg).unwrap();
-            (Arc::new(a), *w)
-        })
-        .collect();
-    Arc::new(LoraStack::new(members, m.llama.cfg.num_hidden_layers).unwrap())
-}
-
 /// Runs the same steps with both kernels and compares every call's logits.
 fn compare(m: &LoadedModel, steps: &[Vec<Vec<u32>>], loras: &[Option<Arc<LoraStack>>]) {
-    let run = |kernels: Kernels| -> Vec<Vec<Vec<f32>>> {
-        let mut caches: Vec<KvCache> = loras.iter().map(|_| m.llama.new_cache()).collect();
-        steps
-            .iter()
-            .map(|step| {
-                let mut seqs: Vec<SeqInput> = caches
-                    .iter_mut()
-                    .zip(step)
-                    .zip(loras)
-                    .filter(|((_, t), _)| !t.is_empty())
-                    .map(|((cache, tokens), lora)| SeqInput {
-                        tokens,
-                        cache,
-                        lora: lora.clone(),
-                    })
-                    .collect();
-                loraplex::runtime::forward_with(&m.llama, &mut seqs, LogitsMode::All, kernels)
-                    .unwrap()
-                    .to_vec2()
-                    .unwrap()
-            })
-            .collect()
-    };
-    let fast = run(Kernels::Auto);
-    let reference = run(Kernels::Candle);
+    let fast = run(m, steps, loras, Kernels::Auto, None);
+    let reference = run(m, steps, loras, Kernels::Candle, None);
     for (s, (f, r)) in fast.iter().zip(&reference).enumerate() {
         assert_eq!(f.len(), r.len());
         for (row, (a, b)) in f.iter().zip(r).enumerate() {

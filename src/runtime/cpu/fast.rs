@@ -11,6 +11,7 @@
 //!
 //! Nothing here has a backward pass; `Kernels::Candle` keeps the candle-op path (training has its own differentiable forward).
 
+use super::attend::{attend_head, attend_head_paged, History, PagedRuns};
 use super::kernels::{self, JobWeight, LinearJob, LowRank};
 use crate::lora::LoraPair;
 use crate::model::{LinearWeight, Llama, Proj};
@@ -226,139 +227,6 @@ impl Projector<'_> {
         }
         kernels::linear_rows(&jobs)
     }
-}
-
-/// Causal attention of one sequence's `len` new rows at offset `off` for one query head:
-/// `q: [len, hd]` (already rotated), keys/values of its KV head `t` rows apart by `row_stride`.
-#[allow(clippy::too_many_arguments)]
-fn attend_head(
-    q: &[f32],
-    k: &[f32],
-    v: &[f32],
-    row_stride: usize,
-    t: usize,
-    off: usize,
-    hd: usize,
-    scale: f32,
-) -> Result<Vec<f32>> {
-    let len = q.len() / hd;
-    let mut out = vec![0f32; len * hd];
-    let mut scores = vec![0f32; t];
-    for i in 0..len {
-        let n = (off + i + 1).min(t);
-        let qi = &q[i * hd..(i + 1) * hd];
-        if row_stride == hd {
-            kernels::matvec_into(qi, &k[..n * hd], hd, &mut scores[..n])?;
-        } else {
-            for (j, s) in scores[..n].iter_mut().enumerate() {
-                *s = kernels::dot(qi, &k[j * row_stride..j * row_stride + hd]);
-            }
-        }
-        let mut max = f32::NEG_INFINITY;
-        for s in scores[..n].iter_mut() {
-            *s *= scale;
-            max = max.max(*s);
-        }
-        let mut sum = 0f32;
-        for s in scores[..n].iter_mut() {
-            *s = (*s - max).exp();
-            sum += *s;
-        }
-        for s in scores[..n].iter_mut() {
-            *s /= sum;
-        }
-        let o = &mut out[i * hd..(i + 1) * hd];
-        kernels::weighted_rows_sum(&scores[..n], v, row_stride, o)?;
-    }
-    Ok(out)
-}
-
-/// One sequence's K/V history for one layer: its cache's buffers (`[nkv, cap, hd]` views of the
-/// first `len` positions), or the layer's paged pools read through its block table.
-enum History {
-    Buffers {
-        k: Tensor,
-        v: Tensor,
-    },
-    Paged {
-        k: Tensor,
-        v: Tensor,
-        table: Vec<u32>,
-        bs: usize,
-        len: usize,
-    },
-}
-
-impl History {
-    fn tensors(&self) -> (&Tensor, &Tensor) {
-        match self {
-            Self::Buffers { k, v } | Self::Paged { k, v, .. } => (k, v),
-        }
-    }
-
-    /// Positions in the history.
-    fn len(&self) -> usize {
-        match self {
-            Self::Buffers { k, .. } => k.dims()[1],
-            Self::Paged { len, .. } => *len,
-        }
-    }
-}
-
-/// One KV head's rows in a paged pool: block `i` of the history holds `bs` rows of `hd` at
-/// `runs[i]` in `k` and `v`.
-struct PagedRuns<'a> {
-    k: &'a [f32],
-    v: &'a [f32],
-    runs: &'a [usize],
-    bs: usize,
-}
-
-/// [`attend_head`] over a paged history of `t` positions: the scores and the weighted sum run
-/// block by block, with the same per-row arithmetic, so the result equals the contiguous one.
-fn attend_head_paged(
-    q: &[f32],
-    kv: &PagedRuns<'_>,
-    t: usize,
-    off: usize,
-    hd: usize,
-    scale: f32,
-) -> Result<Vec<f32>> {
-    let len = q.len() / hd;
-    let mut out = vec![0f32; len * hd];
-    let mut scores = vec![0f32; t];
-    let bs = kv.bs;
-    fn run<'a>(buf: &'a [f32], start: Option<&usize>, rows: usize) -> Result<&'a [f32]> {
-        start
-            .and_then(|&s| buf.get(s..s + rows))
-            .ok_or_else(|| candle_core::Error::msg("fast path: a KV block outside the pool"))
-    }
-    for i in 0..len {
-        let n = (off + i + 1).min(t);
-        let qi = &q[i * hd..(i + 1) * hd];
-        for (b, chunk) in scores[..n].chunks_mut(bs).enumerate() {
-            kernels::matvec_into(qi, run(kv.k, kv.runs.get(b), chunk.len() * hd)?, hd, chunk)?;
-        }
-        let mut max = f32::NEG_INFINITY;
-        for s in scores[..n].iter_mut() {
-            *s *= scale;
-            max = max.max(*s);
-        }
-        let mut sum = 0f32;
-        for s in scores[..n].iter_mut() {
-            *s = (*s - max).exp();
-            sum += *s;
-        }
-        for s in scores[..n].iter_mut() {
-            *s /= sum;
-        }
-        let o = &mut out[i * hd..(i + 1) * hd];
-        for (b, chunk) in scores[..n].chunks(bs).enumerate() {
-            let rows = run(kv.v, kv.runs.get(b), chunk.len() * hd)?;
-            kernels::weighted_rows_accumulate(chunk, rows, o)?;
-        }
-    }
-    Ok(out)
 }
 
 /// Attention of every sequence: RoPE on q/k, K/V appended to the caches, one output row per
