@@ -10,7 +10,8 @@
 //! element counts) before launching.
 
 use super::decode_attention::{
-    cuda_device, lock_distinct, to_i32, to_u32, view, Plan, MODULE, PTX, THREADS,
+    alloc_outputs, combine_splits, cuda_device, lock_distinct, to_i32, to_u32, view, Plan, MODULE,
+    PTX, THREADS,
 };
 use candle_core::cuda_backend::cudarc::driver::{
     DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg,
@@ -201,22 +202,7 @@ fn attend<T: CudaDType + DeviceRepr>(
     ]
     .map(|(what, v)| to_i32(v, what));
     let ints = ints.into_iter().collect::<Result<Vec<i32>>>()?;
-    let (nh_i, hd_i, nsplit_i) = (ints[0], ints[2], ints[6]);
-    let rows = b * nh;
-    // SAFETY: every element is written: with one split by the attention kernel (each block
-    // writes its heads' rows), otherwise by the combine kernel (one block per row).
-    let mut out = unsafe { dev.alloc::<T>(rows * hd)? };
-    // SAFETY: every block writes its split's slot (empty splits too), and the combine kernel
-    // reads only slots < nsplit of each row, queued after on the same stream.
-    let mut part = match plan.nsplit {
-        1 => None,
-        n => Some(unsafe {
-            (
-                dev.alloc::<f32>(rows * n * hd)?,
-                dev.alloc::<f32>(rows * n * 2)?,
-            )
-        }),
-    };
+    let (mut out, mut part) = alloc_outputs::<T>(dev, b * nh, hd, plan.nsplit)?;
     let null = 0u64;
     {
         let func =
@@ -251,24 +237,13 @@ fn attend<T: CudaDType + DeviceRepr>(
         // 48 KiB: hd <= 256).
         unsafe { builder.launch(cfg) }.w()?;
     }
-    if let Some((acc, ml)) = &part {
-        let func = dev.get_or_load_custom_func(
-            &format!("decode_attention_combine_{suffix}"),
-            MODULE,
-            PTX,
-        )?;
-        let mut builder = func.builder();
-        builder.arg(acc).arg(ml).arg(&mut out);
-        builder.arg(&nh_i).arg(&hd_i).arg(&nsplit_i);
-        let cfg = LaunchConfig {
-            grid_dim: (nh as u32, b as u32, 1),
-            block_dim: (hd.div_ceil(32) as u32 * 32, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        // SAFETY: the arguments match `decode_attention_combine_*`; the partials were written by
-        // the attention kernel queued before on the same stream; out holds B · nh · hd elements.
-        unsafe { builder.launch(cfg) }.w()?;
-    }
+    combine_splits(
+        dev,
+        part.as_ref(),
+        &mut out,
+        (b, nh, hd, plan.nsplit),
+        suffix,
+    )?;
     drop(meta_guard);
     drop(guards);
     Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
