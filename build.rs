@@ -1,30 +1,37 @@
 //! Build script: with the `cuda` feature on, compiles the project's own CUDA kernels
-//! (`src/runtime/cuda/kernels/*.cu`) to PTX in `$OUT_DIR/<name>.ptx` with nvcc, for
-//! `include_str!` in the launch code. Without the feature it does nothing, so the default build
+//! (`src/runtime/cuda/kernels/*.cu`, `src/quant/cuda/*.cu`) to PTX in `$OUT_DIR/<name>.ptx` with
+//! nvcc, for `include_str!` in the launch code. Without the feature it does nothing, so the default build
 //! (and CI) needs no CUDA toolkit.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-const KERNEL_DIR: &str = "src/runtime/cuda/kernels";
+/// Folders of `.cu` files (their stems must differ: they share `$OUT_DIR`).
+const KERNEL_DIRS: [&str; 2] = ["src/runtime/cuda/kernels", "src/quant/cuda"];
 
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");
     if std::env::var_os("CARGO_FEATURE_CUDA").is_none() {
         return;
     }
-    println!("cargo:rerun-if-changed={KERNEL_DIR}");
+    for dir in KERNEL_DIRS {
+        println!("cargo:rerun-if-changed={dir}");
+    }
     println!("cargo:rerun-if-env-changed=CUDA_ROOT");
     println!("cargo:rerun-if-env-changed=CUDA_PATH");
     println!("cargo:rerun-if-env-changed=NVCC_FLAGS");
 
     let out_dir = PathBuf::from(std::env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
     let nvcc = find_nvcc();
-    let mut sources: Vec<PathBuf> = std::fs::read_dir(KERNEL_DIR)
-        .unwrap_or_else(|e| panic!("cannot read {KERNEL_DIR}: {e}"))
-        .filter_map(|entry| entry.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|ext| ext == "cu"))
-        .collect();
+    let mut sources: Vec<PathBuf> = Vec::new();
+    for dir in KERNEL_DIRS {
+        sources.extend(
+            std::fs::read_dir(dir)
+                .unwrap_or_else(|e| panic!("cannot read {dir}: {e}"))
+                .filter_map(|entry| entry.ok().map(|e| e.path()))
+                .filter(|p| p.extension().is_some_and(|ext| ext == "cu")),
+        );
+    }
     sources.sort();
     for src in &sources {
         println!("cargo:rerun-if-changed={}", src.display());

@@ -10,7 +10,9 @@
 # `run` writes its logs and the table under $OUT when set (the device tool's output folder).
 # Environment for `run`: GPU_CHECK_BENCH_NEW (decode tokens per stream, default 128),
 # GPU_CHECK_BENCH_STREAMS (default 1,64), GPU_CHECK_BENCH_LAYOUTS (default buffers,paged),
-# GPU_CHECK_SKIP_BENCH=1 to skip the benchmark.
+# GPU_CHECK_SKIP_BENCH=1 to skip the benchmarks, GPU_CHECK_SKIP_NF4=1 to skip the NF4 one
+# (the same model quantized with --quantize nf4: 1 and 64 streams, no adapter and distinct ones,
+# paged KV).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 pack=gpu-pack
@@ -23,6 +25,12 @@ build() {
   source <(scripts/cuda-toolkit.sh --env)
   export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-target-cuda}
   cargo build --release --features cuda --bin loraplex
+  # The project's PTX is JIT-compiled on the GPU machine: assemble it here first (ptxas for
+  # sm_90, the H200), so a kernel that does not assemble fails before any GPU time is spent.
+  local ptx
+  for ptx in "$CARGO_TARGET_DIR"/release/build/loraplex-*/out/*.ptx; do
+    ptxas -arch=sm_90 "$ptx" -o /dev/null || { echo "gpu-check: ptxas rejects $ptx" >&2; exit 1; }
+  done
   local tests
   tests=$(cargo test --release --features cuda --test gpu --no-run --message-format=json \
     | python3 -c 'import json,sys
@@ -73,6 +81,18 @@ run() {
       bench_ok="FAILED"; tail -n 30 "$out/bench.err"
     fi
   fi
+  local nf4_ok=skipped
+  if [ "${GPU_CHECK_SKIP_BENCH:-0}" != 1 ] && [ "${GPU_CHECK_SKIP_NF4:-0}" != 1 ]; then
+    t0=$SECONDS
+    if /tmp/lp/loraplex bench --model dummy:llama-3-8b --device cuda --dtype bf16 --quantize nf4 \
+        --streams "${GPU_CHECK_BENCH_STREAMS:-1,64}" --adapters none,distinct --rank 16 \
+        --targets all-linear --prompt-len 128 --new-tokens "${GPU_CHECK_BENCH_NEW:-128}" \
+        --kv-layouts paged --warmup-secs 2 > "$out/bench-nf4.md" 2> "$out/bench-nf4.err"; then
+      nf4_ok="ok ($((SECONDS - t0)) s)"
+    else
+      nf4_ok="FAILED"; tail -n 30 "$out/bench-nf4.err"
+    fi
+  fi
   {
     echo "## GPU check ($(cat "$out/gpu.txt"))"
     echo
@@ -82,6 +102,9 @@ run() {
     echo
     echo "bench (Llama-3-8B shape, bf16, dummy weights): $bench_ok"
     cat "$out/bench.md" 2>/dev/null
+    echo
+    echo "bench, NF4 base (--quantize nf4, same shape and dummy weights, paged KV): $nf4_ok"
+    cat "$out/bench-nf4.md" 2>/dev/null
   } | tee "$out/table.md"
   return $status
 }

@@ -271,3 +271,81 @@ fn qlora_forward_differentiates_through_the_packed_weights() {
     // An NF4 base trains in f32 only.
     assert!(TrainBase::new(&q.llama, DType::F64).is_err());
 }
+
+/// `q` with every NF4 weight (projections and the lm_head copy) in device form (`Nf4Device`:
+/// codes and scales as tensors, the GPU's ops), kept on the CPU.
+fn device_form(mut p: LoadedModel) -> LoadedModel {
+    p.llama.place_nf4(&Device::Cpu, true).unwrap();
+    let lins = p.llama.blocks.iter().flat_map(|b| b.proj.iter());
+    for lin in lins.chain(p.llama.lm_head_nf4.as_ref()) {
+        assert!(matches!(lin.weight, LinearWeight::Nf4Device(_)));
+    }
+    p
+}
+
+#[test]
+fn nf4_weights_in_device_form_give_the_logits_of_the_dequantized_model() {
+    for double_quant in [false, true] {
+        let mut q = quantized(double_quant);
+        q.quantize_lm_head(Some(Nf4Settings::new(double_quant)), true)
+            .unwrap();
+        let mut d = dequantized_copy(&q);
+        d.llama.lm_head = q
+            .llama
+            .lm_head_nf4
+            .as_ref()
+            .unwrap()
+            .dense_weight(&Device::Cpu)
+            .unwrap();
+        let host_bytes = q.llama.linear_weight_bytes().resident;
+        let p = device_form(q);
+        // Device form keeps codes + f32 scales (a double-quantized absmax expanded).
+        let dev_bytes = p.llama.linear_weight_bytes().resident;
+        if !double_quant {
+            assert_eq!(dev_bytes, host_bytes);
+        }
+        // The bar: NF4 linear weights at most 0.30x their 16-bit bytes (0.28x here).
+        let ratio = dev_bytes as f64 / p.llama.linear_weight_bytes().f16 as f64;
+        assert!(
+            ratio <= 0.30,
+            "device NF4 weights are {ratio:.3}x their f16 bytes"
+        );
+        assert!(p.llama.bytes_by_dtype().iter().any(|(d, _)| d == "nf4"));
+        // Auto takes the reference path for device-form weights (the fast path reads host NF4).
+        for kernels in [Kernels::Candle, Kernels::Auto] {
+            // 24 prompt rows: dequantize + matmul; 3 and single rows: the rows op.
+            for prompt in [&LONG[..], &LONG[..3]] {
+                let got = run(&p, prompt, &FEED, None, kernels);
+                let want = run(&d, prompt, &FEED, None, kernels);
+                let what = format!(
+                    "device form dq={double_quant} {kernels:?} prompt {}",
+                    prompt.len()
+                );
+                assert_close(&got, &want, 2e-3, &what);
+            }
+        }
+        // Adapters apply on top, as on the host form.
+        let stack = Arc::new(
+            LoraStack::single(adapter(&p, "all-r8"), p.llama.cfg.num_hidden_layers).unwrap(),
+        );
+        let got = run(&p, &LONG[..5], &FEED, Some(stack.clone()), Kernels::Auto);
+        let want = run(&d, &LONG[..5], &FEED, Some(stack), Kernels::Auto);
+        assert_close(&got, &want, 2e-3, "device form with an adapter");
+    }
+}
+
+#[test]
+fn merging_into_device_form_nf4_weights_keeps_them_on_the_device() {
+    let mut host = quantized(false);
+    let mut dev = device_form(quantized(false));
+    let stack =
+        LoraStack::single(adapter(&host, "all-r8"), host.llama.cfg.num_hidden_layers).unwrap();
+    assert_eq!(stack.merge_into(&mut host.llama).unwrap(), 2 * 7);
+    assert_eq!(stack.merge_into(&mut dev.llama).unwrap(), 2 * 7);
+    for (bh, bd) in host.llama.blocks.iter().zip(&dev.llama.blocks) {
+        for (lh, ld) in bh.proj.iter().zip(&bd.proj) {
+            assert!(matches!(ld.weight, LinearWeight::Nf4Device(_)));
+            assert_eq!(lh.nf4().unwrap().data, ld.nf4().unwrap().data);
+        }
+    }
+}

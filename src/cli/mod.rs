@@ -176,7 +176,7 @@ impl ModelArgs {
     /// build with the cuda feature) it says where on stderr: stdout carries the command's output,
     /// often JSON (`serve` says it on its first stdout line).
     pub fn load_unquantized(&self) -> Result<LoadedModel> {
-        let at = placement(self.device, self.dtype, self.quantize)?;
+        let at = placement(self.device, self.dtype)?;
         if !at.device.is_cpu() || (self.device == DeviceSpec::Auto && cfg!(feature = "cuda")) {
             eprintln!("{}", device_line(&at));
         }

@@ -1,7 +1,8 @@
-//! A frozen linear layer of the base model, `y = x W^T (+ b)`, with `W` either a dense f32
-//! tensor or NF4-packed (QLoRA's 4-bit NormalFloat, `quant`), and the quantization settings.
+//! A frozen linear layer of the base model, `y = x W^T (+ b)`, with `W` either a dense tensor or
+//! NF4-packed (QLoRA's 4-bit NormalFloat, `quant`) in host memory (the CPU backend) or in a GPU's
+//! memory, and the quantization settings.
 
-use crate::quant::{quantize_nf4, Nf4Linear, Nf4Packed, DEFAULT_BLOCKSIZE};
+use crate::quant::{quantize_nf4, Nf4Device, Nf4Linear, Nf4Packed, DEFAULT_BLOCKSIZE};
 use anyhow::Context;
 use candle_core::{DType, Device, Result, Tensor};
 use std::sync::Arc;
@@ -77,7 +78,23 @@ impl Nf4Settings {
 pub enum LinearWeight {
     /// A dense tensor in the model's dtype (f32 on the CPU; bf16, f16 or f32 on a GPU).
     Dense(Tensor),
+    /// Packed in host memory, for the CPU backend.
     Nf4(Arc<Nf4Packed>),
+    /// Packed in a device's memory (a GPU), with its host copy.
+    Nf4Device(Arc<Nf4Device>),
+}
+
+impl LinearWeight {
+    /// A packed weight where `device` computes with it: in host memory for the CPU, uploaded
+    /// otherwise.
+    pub fn nf4_on(packed: Arc<Nf4Packed>, device: &Device) -> Result<Self> {
+        match device.is_cpu() {
+            true => Ok(LinearWeight::Nf4(packed)),
+            false => Ok(LinearWeight::Nf4Device(Arc::new(Nf4Device::upload(
+                packed, device,
+            )?))),
+        }
+    }
 }
 
 /// A frozen linear layer `y = x W^T (+ b)`.
@@ -95,6 +112,7 @@ impl Linear {
             LinearWeight::Nf4(w) => {
                 return Nf4Linear::from_arc(w.clone(), self.bias.clone()).forward(x)
             }
+            LinearWeight::Nf4Device(w) => w.matmul(x)?,
         };
         match &self.bias {
             Some(b) => y.broadcast_add(b),
@@ -110,15 +128,29 @@ impl Linear {
                 (d[0], d.get(1).copied().unwrap_or(0))
             }
             LinearWeight::Nf4(w) => (w.rows, w.cols),
+            LinearWeight::Nf4Device(w) => w.shape(),
         }
     }
 
-    /// The NF4 weight, when this layer is quantized.
+    /// The NF4 weight (its host copy), when this layer is quantized.
     pub fn nf4(&self) -> Option<&Arc<Nf4Packed>> {
         match &self.weight {
             LinearWeight::Nf4(w) => Some(w),
+            LinearWeight::Nf4Device(w) => Some(w.host()),
             LinearWeight::Dense(_) => None,
         }
+    }
+
+    /// Moves a weight packed in host memory to `device`'s memory (kept as it is on the CPU
+    /// unless `force`: tests run the device ops on the CPU).
+    pub fn place_nf4(&mut self, device: &Device, force: bool) -> Result<()> {
+        if let LinearWeight::Nf4(w) = &self.weight {
+            if force || !device.is_cpu() {
+                self.weight =
+                    LinearWeight::Nf4Device(Arc::new(Nf4Device::upload(w.clone(), device)?));
+            }
+        }
+        Ok(())
     }
 
     /// The weight as a dense f32 tensor (dequantized when packed).
@@ -126,13 +158,16 @@ impl Linear {
         match &self.weight {
             LinearWeight::Dense(w) => Ok(w.clone()),
             LinearWeight::Nf4(w) => Tensor::from_vec(w.dequantize(), (w.rows, w.cols), device),
+            LinearWeight::Nf4Device(w) => w.dequantize(DType::F32),
         }
     }
 
-    /// Replaces a dense weight by its NF4 quantization (a quantized one is left as it is).
+    /// Replaces a dense weight by its NF4 quantization (a quantized one is left as it is), kept
+    /// on the weight's device.
     pub fn quantize(&mut self, settings: Nf4Settings) -> anyhow::Result<()> {
         if let LinearWeight::Dense(w) = &self.weight {
-            self.weight = LinearWeight::Nf4(Arc::new(settings.quantize(w)?));
+            let device = w.device().clone();
+            self.weight = LinearWeight::nf4_on(Arc::new(settings.quantize(w)?), &device)?;
         }
         Ok(())
     }
@@ -147,20 +182,32 @@ impl Linear {
                 Ok(false)
             }
             LinearWeight::Nf4(w) => {
-                let dense = self.dense_weight(delta.device())?;
-                let merged = (dense + delta.to_dtype(DType::F32)?)?;
-                let settings = Nf4Settings {
-                    blocksize: w.blocksize,
-                    double_quant: w.is_double_quant(),
-                };
-                let mut packed = settings
-                    .quantize(&merged)
-                    .context("re-quantizing the merged weight")?;
-                packed.dtype = w.dtype.clone();
+                let packed = Self::merged_nf4(w, delta)?;
                 self.weight = LinearWeight::Nf4(Arc::new(packed));
                 Ok(true)
             }
+            LinearWeight::Nf4Device(w) => {
+                let packed = Arc::new(Self::merged_nf4(w.host(), delta)?);
+                self.weight =
+                    LinearWeight::Nf4Device(Arc::new(Nf4Device::upload(packed, w.device())?));
+                Ok(true)
+            }
         }
+    }
+
+    /// `w + delta` quantized again with `w`'s own settings (on the host).
+    fn merged_nf4(w: &Nf4Packed, delta: &Tensor) -> anyhow::Result<Nf4Packed> {
+        let dense = Tensor::from_vec(w.dequantize(), (w.rows, w.cols), &Device::Cpu)?;
+        let merged = (dense + delta.to_dtype(DType::F32)?.to_device(&Device::Cpu)?)?;
+        let settings = Nf4Settings {
+            blocksize: w.blocksize,
+            double_quant: w.is_double_quant(),
+        };
+        let mut packed = settings
+            .quantize(&merged)
+            .context("re-quantizing the merged weight")?;
+        packed.dtype = w.dtype.clone();
+        Ok(packed)
     }
 
     /// Resident bytes of the weight and bias, by dtype name (`"nf4"` for packed weights, their
@@ -170,6 +217,7 @@ impl Linear {
         match &self.weight {
             LinearWeight::Dense(w) => out.push(tensor_bytes(w)),
             LinearWeight::Nf4(w) => out.push(("nf4".to_string(), w.resident_bytes())),
+            LinearWeight::Nf4Device(w) => out.push(("nf4".to_string(), w.resident_bytes())),
         }
         if let Some(b) = &self.bias {
             out.push(tensor_bytes(b));

@@ -128,14 +128,7 @@ impl Llama {
                                 w.cols
                             );
                         }
-                        match device.is_cpu() {
-                            true => LinearWeight::Nf4(Arc::new(w)),
-                            false => LinearWeight::Dense(at.put(&Tensor::from_vec(
-                                w.dequantize(),
-                                (o, i),
-                                &Device::Cpu,
-                            )?)?),
-                        }
+                        LinearWeight::nf4_on(Arc::new(w), device)?
                     }
                     false => LinearWeight::Dense(take(&mut map, &name, &[o, i], at)?),
                 };
@@ -260,7 +253,8 @@ impl Llama {
                 }
                 match &lin.weight {
                     LinearWeight::Dense(w) => out.push((name, w.clone())),
-                    LinearWeight::Nf4(w) => {
+                    LinearWeight::Nf4(_) | LinearWeight::Nf4Device(_) => {
+                        let Some(w) = lin.nf4() else { continue };
                         let mut layer = HashMap::new();
                         save_layer(w, name.trim_end_matches(".weight"), &mut layer)?;
                         let mut layer: Vec<_> = layer.into_iter().collect();
@@ -313,6 +307,7 @@ impl Llama {
             out.resident += match &lin.weight {
                 LinearWeight::Dense(w) => tensor_bytes(w).1,
                 LinearWeight::Nf4(w) => w.resident_bytes(),
+                LinearWeight::Nf4Device(w) => w.resident_bytes(),
             };
         }
         out
@@ -349,12 +344,32 @@ impl Llama {
 
     /// Quantizes every dense linear weight (q/k/v/o/gate/up/down) to NF4, layers in parallel;
     /// the embedding, norms and lm_head stay as they are.
+    /// On a GPU each weight is copied to the host, quantized there (`quantize_nf4` spreads one
+    /// weight over the cores) and uploaded packed, one at a time on the calling thread.
     pub fn quantize_nf4(&mut self, settings: Nf4Settings) -> anyhow::Result<()> {
         use rayon::prelude::*;
+        if !self.device().is_cpu() {
+            return self
+                .blocks
+                .iter_mut()
+                .flat_map(|b| b.proj.iter_mut())
+                .try_for_each(|lin| lin.quantize(settings));
+        }
         self.blocks
             .par_iter_mut()
             .flat_map(|b| b.proj.par_iter_mut())
             .try_for_each(|lin| lin.quantize(settings))
+    }
+
+    /// Moves every NF4 weight packed in host memory (projections and the lm_head copy) to
+    /// `device`'s memory: what loading does on a GPU; `force` does it on the CPU too (tests run
+    /// the device ops there).
+    pub fn place_nf4(&mut self, device: &Device, force: bool) -> Result<()> {
+        let lins = self.blocks.iter_mut().flat_map(|b| b.proj.iter_mut());
+        for lin in lins.chain(self.lm_head_nf4.as_mut()) {
+            lin.place_nf4(device, force)?;
+        }
+        Ok(())
     }
 
     /// Keeps an NF4 copy of lm_head for inference's logits (see `lm_head_nf4`).

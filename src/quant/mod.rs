@@ -1,14 +1,18 @@
 //! NF4 (QLoRA's 4-bit NormalFloat) weights: bitsandbytes-exact quantization (`nf4`), the matmul
-//! kernels that use the packed form directly (`kernels`), error-compensating rounding from
-//! calibration data (`gptq`) and bitsandbytes' HF serialization
-//! (`bnb`).
+//! kernels that use the packed form directly (`kernels`), NF4 weights resident in a GPU's
+//! memory and their ops (`nf4_device`, kernels in `cuda/` with the `cuda` feature),
+//! error-compensating rounding from calibration data (`gptq`) and bitsandbytes' HF
+//! serialization (`bnb`).
 
 pub mod bnb;
+#[cfg(feature = "cuda")]
+mod cuda;
 pub mod decode;
 pub mod gptq;
 mod int16;
 pub mod kernels;
 pub mod nf4;
+pub mod nf4_device;
 mod scale_search;
 #[cfg(target_arch = "x86_64")]
 mod simd;
@@ -23,6 +27,7 @@ pub use nf4::{
     dynamic_map, quantize_nf4, quantize_nf4_double, Absmax, NestedAbsmax, Nf4Packed,
     DEFAULT_BLOCKSIZE, NESTED_BLOCKSIZE, NF4_CODE,
 };
+pub use nf4_device::Nf4Device;
 
 /// Deterministic uniform values in [-0.5, 0.5) for the quantizers' unit tests.
 #[cfg(test)]

@@ -402,6 +402,35 @@ pub fn quantize_nf4(
     if blocksize == 0 || !blocksize.is_multiple_of(2) {
         bail!("nf4: block size {blocksize} must be even and positive");
     }
+    // Whole blocks per task (an even number of elements each), so the pieces join into the
+    // same bytes as one pass: large weights use every core.
+    use rayon::prelude::*;
+    let parts: Vec<(Vec<u8>, Vec<f32>)> = weight
+        .par_chunks(blocksize * QUANTIZE_TASK_BLOCKS)
+        .map(|part| quantize_blocks(part, blocksize))
+        .collect();
+    let mut data = Vec::with_capacity(weight.len().div_ceil(2));
+    let mut absmax = Vec::with_capacity(weight.len().div_ceil(blocksize));
+    for (d, a) in parts {
+        data.extend(d);
+        absmax.extend(a);
+    }
+    Ok(Nf4Packed {
+        rows,
+        cols,
+        blocksize,
+        data,
+        absmax: Absmax::F32(absmax),
+        quant_map: NF4_CODE,
+        dtype: "float32".to_string(),
+    })
+}
+
+/// Blocks of `blocksize` per parallel task of [`quantize_nf4`].
+const QUANTIZE_TASK_BLOCKS: usize = 4096;
+
+/// The codes and absmax of consecutive blocks (the last one may be short).
+fn quantize_blocks(weight: &[f32], blocksize: usize) -> (Vec<u8>, Vec<f32>) {
     let mut data = Vec::with_capacity(weight.len().div_ceil(2));
     let mut absmax = Vec::with_capacity(weight.len().div_ceil(blocksize));
     for block in weight.chunks(blocksize) {
@@ -415,15 +444,7 @@ pub fn quantize_nf4(
             data.push((hi << 4) | lo);
         }
     }
-    Ok(Nf4Packed {
-        rows,
-        cols,
-        blocksize,
-        data,
-        absmax: Absmax::F32(absmax),
-        quant_map: NF4_CODE,
-        dtype: "float32".to_string(),
-    })
+    (data, absmax)
 }
 
 /// [`quantize_nf4`] followed by bitsandbytes' double quantization of the absmax

@@ -3,7 +3,7 @@
 //! `auto` is the GPU when this build has the `cuda` feature and one is visible, else the CPU.
 //! The dtype's `auto` is bf16 on a GPU and f32 on the CPU (where the kernels are f32).
 
-use crate::model::{Placement, Quantize};
+use crate::model::Placement;
 use anyhow::{bail, Result};
 use candle_core::{DType, Device};
 use std::fmt;
@@ -86,20 +86,10 @@ fn open_cuda(ordinal: usize) -> Result<Device> {
     )
 }
 
-/// Opens the device `--device` names and picks the dtype. NF4 runs on the CPU backend only for
-/// now: `--quantize nf4` with a GPU device is refused (with `auto`, the CPU is used).
-pub fn placement(device: DeviceSpec, dtype: DtypeSpec, quantize: Quantize) -> Result<Placement> {
-    let device = match (device, quantize) {
-        (DeviceSpec::Auto, Quantize::Nf4) => DeviceSpec::Cpu,
-        (d, _) => d,
-    }
-    .open()?;
-    if quantize == Quantize::Nf4 && !device.is_cpu() {
-        anyhow::bail!(
-            "--quantize nf4 runs on the CPU for now; on the GPU, serve the base in bf16 \
-             (drop --quantize) or use --device cpu"
-        );
-    }
+/// Opens the device `--device` names and picks the dtype. `quantize` does not change where the
+/// base goes: NF4 weights stay packed in host memory on the CPU and in the GPU's memory on a GPU.
+pub fn placement(device: DeviceSpec, dtype: DtypeSpec) -> Result<Placement> {
+    let device = device.open()?;
     let dtype = dtype.resolve(&device)?;
     Ok(Placement { device, dtype })
 }

@@ -186,7 +186,7 @@ pub async fn build_state(cfg: &ServeConfig) -> Result<Shared> {
     let adapters_dir = cfg.adapters_dir.clone();
     let nf4 = cfg.quantize.settings(cfg.double_quant)?;
     let lm_head_nf4 = cfg.quantize_lm_head;
-    let at = crate::runtime::device::placement(cfg.device, cfg.dtype, cfg.quantize)?;
+    let at = crate::runtime::device::placement(cfg.device, cfg.dtype)?;
     let (model, merged) = tokio::task::spawn_blocking(move || -> Result<_> {
         let mut model = crate::model::load_as(model_spec.as_deref(), &at)?;
         // Merge before quantizing: the merged weights are rounded to NF4 once.

@@ -68,6 +68,10 @@ impl TrainBase {
                     LinearWeight::Nf4(_) => {
                         anyhow::bail!("an NF4 base trains in f32 only, not {dtype:?}")
                     }
+                    LinearWeight::Nf4Device(_) => anyhow::bail!(
+                        "training an NF4 base runs on the CPU for now (--device cpu); on a GPU, \
+                         train on the bf16 base (drop --quantize)"
+                    ),
                 })
                 .collect::<Result<Vec<_>>>()?;
             let bias = b

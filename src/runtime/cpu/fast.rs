@@ -48,17 +48,25 @@ pub fn eligible(model: &Llama, seqs: &[SeqInput<'_>], rows: usize) -> bool {
                 .chain(b.proj.iter().flat_map(|p| {
                     let dense = match &p.weight {
                         LinearWeight::Dense(w) => Some(w),
-                        LinearWeight::Nf4(_) => None,
+                        LinearWeight::Nf4(_) | LinearWeight::Nf4Device(_) => None,
                     };
                     dense.into_iter().chain(&p.bias)
                 }))
         }))
         .all(readable);
+    // Weights packed in a device's memory take the device ops (`runtime::reference`).
+    let lm_nf4 = model.lm_head_nf4.iter();
+    let on_device = model
+        .blocks
+        .iter()
+        .flat_map(|b| b.proj.iter())
+        .chain(lm_nf4)
+        .any(|p| matches!(p.weight, LinearWeight::Nf4Device(_)));
     let stacks_ok = seqs
         .iter()
         .filter_map(|s| s.lora.as_ref())
         .all(|st| st.flat().is_some_and(readable));
-    model_ok && stacks_ok
+    model_ok && stacks_ok && !on_device
 }
 
 /// A read-locked f32 CPU tensor: its storage and where its elements start.
@@ -160,7 +168,7 @@ impl Projector<'_> {
             .iter()
             .map(|p| match &blk.proj[p.index()].weight {
                 LinearWeight::Dense(w) => View::new(w).map(Some),
-                LinearWeight::Nf4(_) => Ok(None),
+                LinearWeight::Nf4(_) | LinearWeight::Nf4Device(_) => Ok(None),
             })
             .collect::<Result<Vec<_>>>()?;
         let bias_views = projs
@@ -200,7 +208,9 @@ impl Projector<'_> {
             let w = match (&w_views[pi], &blk.proj[p.index()].weight) {
                 (Some(v), _) => JobWeight::F32(v.slice()?),
                 (None, LinearWeight::Nf4(packed)) => JobWeight::Nf4(packed),
-                (None, LinearWeight::Dense(_)) => candle_core::bail!("fast path: weight not read"),
+                (None, LinearWeight::Dense(_) | LinearWeight::Nf4Device(_)) => {
+                    candle_core::bail!("fast path: weight not read")
+                }
             };
             let n = p.in_out(&self.model.cfg).1;
             let mut low_rank = Vec::new();
