@@ -430,6 +430,57 @@ fn a_longer_shared_prefix_replaces_a_loaded_short_one() {
     }
 }
 
+/// Paged, a sequence that starts with a cached prefix holds the prefix's whole blocks shared
+/// with the cache entry instead of copies: three prompts sharing a cached 64-token prefix (4
+/// blocks) run in a pool of 10 blocks — the entry's 5 plus about one block each of their own,
+/// where copies would need 5 each — as they run alone, sharing 4 blocks each, and every block
+/// comes back once they are done and the cache is emptied.
+#[test]
+fn paged_sequences_share_the_whole_blocks_of_a_cached_prefix() {
+    let shared: Vec<u32> = (0..64).map(|k| (k * 13) % 250 + 3).collect();
+    let prompt = |i: u32| -> Vec<u32> {
+        shared
+            .iter()
+            .copied()
+            .chain([200 + i, 7, 8, 9, 10])
+            .collect()
+    };
+    let (alone_engine, _) = engine_with_config(EngineConfig {
+        prefix_cache_bytes: 0,
+        ..EngineConfig::default()
+    });
+    let alone: Vec<Vec<u32>> = (0..4)
+        .map(|i| collect(alone_engine.submit(request(prompt(i), 6)).unwrap()).unwrap())
+        .collect();
+    let (e, metrics) = engine_with_config(EngineConfig {
+        kv_budget_bytes: Some(10 * 16 * 512),
+        paged_kv: true,
+        ..EngineConfig::default()
+    });
+    assert_eq!(metrics.kv_blocks_total.get(), 10);
+    // The first one leaves its history (74 positions, 5 blocks) in the prefix cache.
+    assert_eq!(
+        collect(e.submit(request(prompt(0), 6)).unwrap()).unwrap(),
+        alone[0]
+    );
+    let rxs: Vec<_> = (1..4)
+        .map(|i| e.submit(request(prompt(i), 6)).unwrap())
+        .collect();
+    let got: Vec<Vec<u32>> = rxs.into_iter().map(|rx| collect(rx).unwrap()).collect();
+    assert_eq!(got, alone[1..]);
+    assert_eq!(metrics.preemptions.get(), 0);
+    assert_eq!(metrics.prefix_cache_hits.get(), 3);
+    assert_eq!(metrics.prefix_cache_reused_tokens.get(), 3 * 64);
+    assert_eq!(metrics.prefix_cache_shared_blocks.get(), 3 * 4);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while metrics.kv_blocks_used.get() != 0 && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    assert_eq!(metrics.kv_blocks_used.get(), 0);
+    // What the cache holds is within the pool (shared blocks counted once).
+    assert!(metrics.kv_blocks_prefix_cache.get() <= 10);
+}
+
 /// Three prompts sharing a 50-token prefix (a system prompt, say) arrive together, before any
 /// cache holds it: the second and third wait for the first one's prefill and then start after
 /// the shared part, taken from the prefix cache; the answers are what each gets alone.

@@ -31,16 +31,14 @@ pub(super) fn admit(
         if let Some(front) = preempted.front() {
             // The lookup marks the entry it finds as just used, so making room evicts others.
             let hit = find_prefix(&mut mem.prefixes, front);
-            if !mem.make_room(front.fill().len()) {
+            let shared = mem.shareable(hit.as_ref());
+            if !mem.make_room(front.fill().len().saturating_sub(shared)) {
                 break;
             }
             let Some(mut r) = preempted.pop_front() else {
                 break;
             };
-            let n = r.fill().len();
-            if mem.grant(&mut r, n) {
-                load_prefix(&mut r, hit, metrics);
-            }
+            start(mem, &mut r, hit, metrics);
             running.push(r);
             continue;
         }
@@ -52,7 +50,8 @@ pub(super) fn admit(
             Some(_) => None,
             None => mem.prefixes.lookup(&key, &front.req.prompt_ids),
         };
-        if !mem.make_room(front.req.prompt_ids.len()) {
+        let shared = mem.shareable(hit.as_ref());
+        if !mem.make_room(front.req.prompt_ids.len().saturating_sub(shared)) {
             break;
         }
         let Some(sub) = waiting.pop_front() else {
@@ -85,16 +84,26 @@ pub(super) fn admit(
                     refill: None,
                     sub,
                 };
-                let n = r.fill().len();
-                if mem.grant(&mut r, n) {
-                    load_prefix(&mut r, hit, metrics);
-                }
+                start(mem, &mut r, hit, metrics);
                 running.push(r);
             }
             Err(e) => {
                 let _ = sub.events.send(EngineEvent::Error(format!("{e:#}")));
             }
         }
+    }
+}
+
+/// Grants an admitted `r` the blocks of what it fills — the cached prefix's whole blocks shared
+/// (`KvMemory::share_hit_blocks`), the rest its own — and loads the prefix. Without its blocks
+/// (the pool short after all) it holds none and is granted them as it runs.
+fn start(mem: &mut KvMemory, r: &mut Running, hit: Option<PrefixHit>, metrics: &EngineMetrics) {
+    mem.share_hit_blocks(r, hit.as_ref());
+    let n = r.fill().len();
+    if mem.grant(r, n) {
+        load_prefix(mem, r, hit, metrics);
+    } else {
+        mem.release(r);
     }
 }
 
@@ -127,19 +136,30 @@ fn find_prefix(prefixes: &mut PrefixCache, r: &Running) -> Option<PrefixHit> {
     prefixes.lookup(&r.key, r.fill())
 }
 
-/// Starts `r`'s prefill after the cached prefix `hit` (copied into its cache), unless it already
-/// starts as far in.
-fn load_prefix(r: &mut Running, hit: Option<PrefixHit>, metrics: &EngineMetrics) {
+/// Starts `r`'s prefill after the cached prefix `hit` (shared or copied into its cache,
+/// `KvMemory::load_hit`), unless it already starts as far in. A sequence that swaps a shorter
+/// loaded prefix for `hit` first takes blocks of its own for any it shares (nothing may write
+/// into shared blocks); when the pool has none to spare it keeps the shorter one.
+fn load_prefix(
+    mem: &mut KvMemory,
+    r: &mut Running,
+    hit: Option<PrefixHit>,
+    metrics: &EngineMetrics,
+) {
     let Some(hit) = hit.filter(|h| h.len > r.prefilled) else {
         return;
     };
     let before = r.prefilled;
     if before > 0 {
+        if !mem.unshare(r) {
+            return;
+        }
         r.cache = r.cache.empty_like();
         (r.prefilled, r.loaded) = (0, 0);
     }
-    match hit.load_into(&mut r.cache) {
-        Ok(()) => {
+    match mem.load_hit(r, &hit) {
+        Ok(shared) => {
+            metrics.prefix_cache_shared_blocks.inc_by(shared as u64);
             (r.prefilled, r.loaded) = (hit.len, hit.len);
             if r.first_pass() {
                 r.cached_tokens = hit.len;
@@ -192,7 +212,7 @@ pub(super) fn reuse_late(running: &mut [Running], mem: &mut KvMemory, metrics: &
     }
     for r in running.iter_mut().filter(|r| r.not_started()) {
         let hit = find_prefix(&mut mem.prefixes, r);
-        load_prefix(r, hit, metrics);
+        load_prefix(mem, r, hit, metrics);
     }
 }
 

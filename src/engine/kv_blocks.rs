@@ -10,6 +10,11 @@
 //!
 //! The ids are what a device pool's block tables index; on the CPU each sequence's storage is
 //! still one buffer per layer, sized to its blocks.
+//!
+//! With paged caches a block may be in several tables at once — a cached prefix's full blocks
+//! and every sequence that starts with that prefix (`engine::kv_memory`) — so each block counts
+//! its holders: [`KvBlocks::share`] adds one, [`KvBlocks::release`] removes one, and a block is
+//! free again when its last holder lets it go. Shared blocks are only ever read.
 
 /// Positions one block holds (vLLM's default block size).
 pub const BLOCK_POSITIONS: usize = 16;
@@ -22,6 +27,8 @@ pub struct KvBlocks {
     freed: Vec<u32>,
     /// Ids from here to `total` were never handed out (so a big pool costs nothing up front).
     fresh: usize,
+    /// Holders of each block handed out so far (index: id; 0: free).
+    holders: Vec<u32>,
 }
 
 impl KvBlocks {
@@ -38,6 +45,7 @@ impl KvBlocks {
             total,
             freed: Vec::new(),
             fresh: 0,
+            holders: Vec::new(),
         }
     }
 
@@ -66,13 +74,14 @@ impl KvBlocks {
         self.total * BLOCK_POSITIONS
     }
 
-    /// Extends `table` to cover `positions` positions. Takes nothing and returns false when the
-    /// pool has too few free blocks.
+    /// Extends `table` to cover `positions` positions with blocks of its own (one holder each).
+    /// Takes nothing and returns false when the pool has too few free blocks.
     pub fn grow(&mut self, table: &mut Vec<u32>, positions: usize) -> bool {
         let want = Self::blocks_for(positions).saturating_sub(table.len());
         if want > self.free() {
             return false;
         }
+        let from = table.len();
         let recycled = want.min(self.freed.len());
         let keep = self.freed.len() - recycled;
         table.extend(self.freed.drain(keep..).rev());
@@ -80,12 +89,44 @@ impl KvBlocks {
         // `total` fits u32 (see `with_blocks`), so every fresh id does.
         table.extend((self.fresh..self.fresh + new).map(|id| id as u32));
         self.fresh += new;
+        self.holders.resize(self.fresh, 0);
+        for &id in &table[from..] {
+            self.holders[id as usize] = 1;
+        }
         true
     }
 
-    /// Gives every block of `table` back (the table is left empty).
+    /// Adds a holder to each of `ids` (a table starting with blocks another table holds).
+    /// False, with nothing changed, when one of them is free or outside the pool.
+    pub fn share(&mut self, ids: &[u32]) -> bool {
+        if ids.iter().any(|&id| self.holders(id) == 0) {
+            return false;
+        }
+        for &id in ids {
+            self.holders[id as usize] += 1;
+        }
+        true
+    }
+
+    /// How many tables hold block `id` (0: free).
+    pub fn holders(&self, id: u32) -> u32 {
+        self.holders.get(id as usize).copied().unwrap_or(0)
+    }
+
+    /// Lets go of every block of `table` (the table is left empty): each loses a holder and is
+    /// free once it has none.
     pub fn release(&mut self, table: &mut Vec<u32>) {
-        self.freed.extend(table.drain(..).rev());
+        for id in table.drain(..).rev() {
+            match self.holders.get_mut(id as usize) {
+                Some(h) if *h > 1 => *h -= 1,
+                Some(h) if *h == 1 => {
+                    *h = 0;
+                    self.freed.push(id);
+                }
+                // Never: every table holds what it lists.
+                _ => tracing::error!("KV blocks: block {id} released but not held"),
+            }
+        }
     }
 }
 
@@ -139,5 +180,29 @@ mod tests {
         let mut t = Vec::new();
         assert!(big.grow(&mut t, 3 * 16));
         assert_eq!((t, big.used()), (vec![0, 1, 2], 3));
+    }
+
+    #[test]
+    fn shared_blocks_are_free_when_their_last_holder_lets_go() {
+        let mut pool = KvBlocks::with_blocks(4);
+        let mut entry = Vec::new();
+        assert!(pool.grow(&mut entry, 2 * 16));
+        // A sequence starting with the entry's two blocks, plus one of its own.
+        let mut seq = entry.clone();
+        assert!(pool.share(&seq));
+        assert!(pool.grow(&mut seq, 3 * 16));
+        assert_eq!((pool.used(), pool.free()), (3, 1));
+        assert_eq!(pool.holders(entry[0]), 2);
+        // Free or unknown ids cannot be shared.
+        let free_id = (0..4).find(|&id| pool.holders(id) == 0).unwrap();
+        assert!(!pool.share(&[entry[0], free_id]));
+        assert!(!pool.share(&[99]));
+        assert_eq!(pool.holders(entry[0]), 2, "a refused share changes nothing");
+        // The entry goes: its blocks stay held by the sequence.
+        pool.release(&mut entry);
+        assert_eq!((pool.used(), pool.free()), (3, 1));
+        pool.release(&mut seq);
+        assert_eq!((pool.used(), pool.free()), (0, 4));
+        assert!((0..4).all(|id| pool.holders(id) == 0));
     }
 }

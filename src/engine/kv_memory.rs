@@ -2,14 +2,18 @@
 //! running sequences and the prefix cache.
 //!
 //! The prefix cache's entries hold blocks of the pool too (their own table), so the budget
-//! bounds everything the engine keeps. Cached prefixes only use blocks no sequence needs: when a
+//! bounds everything the engine keeps. With paged caches the blocks a prefix fills whole are
+//! shared, not copied: an entry made from a running sequence's prompt holds the same blocks as
+//! the sequence, and a sequence that starts with a cached prefix holds the entry's blocks; only
+//! the positions of a last, partly filled block are copied (into a block of the new holder's
+//! own, since its owner goes on writing there). A block is free when its last holder ends. Cached prefixes only use blocks no sequence needs: when a
 //! sequence must grow or one waiting must be admitted and too few blocks are free, cached
 //! entries are evicted first (least recently used), and only once the cache is empty is a
 //! running sequence preempted. Without a budget there is no pool and the prefix cache keeps its
 //! own byte cap.
 
 use super::kv_blocks::{KvBlocks, BLOCK_POSITIONS};
-use super::prefix_cache::{PrefixCache, StackKey, Stored};
+use super::prefix_cache::{PrefixCache, PrefixHit, StackKey, Stored};
 use super::running::Running;
 use crate::model::{KvCache, KvPool};
 use std::sync::Arc;
@@ -68,18 +72,6 @@ impl KvMemory {
         }
     }
 
-    /// Whether sequences' caches are paged in the pool's storage.
-    pub(super) fn is_paged(&self) -> bool {
-        self.paged.is_some()
-    }
-
-    /// Bytes of the paged storage (0 without one).
-    pub(super) fn pool_bytes(&self) -> usize {
-        self.paged
-            .as_ref()
-            .map_or(0, |p| p.blocks() * p.block_bytes())
-    }
-
     /// An empty cache for a sequence of at most `positions` positions: paged in the pool's
     /// storage, or buffers of its own.
     pub(super) fn new_cache(&self, num_layers: usize, positions: usize) -> KvCache {
@@ -93,13 +85,15 @@ impl KvMemory {
     /// without a KV budget.
     pub(super) fn blocks(&self) -> Option<(usize, usize, usize)> {
         let pool = self.pool.as_ref()?;
-        let prefix = self.prefix_blocks.len() + self.prefixes.paged_blocks();
+        // Blocks shared by an entry and sequences count as the cache's.
+        let prefix = (self.prefix_blocks.len() + self.prefixes.paged_blocks()).min(pool.used());
         Some((pool.total(), pool.used() - prefix, prefix))
     }
 
     /// Keeps the history of `tokens` from `cache` in the prefix cache under `key`. Paged, the
-    /// entry is copied into blocks of its own, taken from free ones (evicting older entries,
-    /// never preempting anyone); skipped when even an empty prefix cache leaves too few.
+    /// entry shares the blocks `tokens` fill whole and copies the rest into a block of its own,
+    /// taken from free ones (evicting older entries, never preempting anyone); skipped when even
+    /// an empty prefix cache leaves too few.
     pub(super) fn insert_prefix(&mut self, key: &StackKey, tokens: &[u32], cache: &KvCache) {
         let Some(storage) = self.paged.clone() else {
             self.prefixes.insert(key, tokens, cache);
@@ -108,7 +102,18 @@ impl KvMemory {
         if !self.prefixes.wants(key, tokens, cache) {
             return;
         }
-        let mut table = Vec::new();
+        let full = tokens.len() / BLOCK_POSITIONS;
+        let mut table: Vec<u32> = match cache.paged_table() {
+            Some((_, t)) if t.len() >= full => t[..full].to_vec(),
+            _ => Vec::new(),
+        };
+        let Some(pool) = &mut self.pool else {
+            return;
+        };
+        if !pool.share(&table) {
+            table.clear();
+        }
+        let shared = table.len();
         loop {
             let Some(pool) = &mut self.pool else {
                 return;
@@ -117,14 +122,16 @@ impl KvMemory {
                 break;
             }
             if !self.evict_prefix() {
+                if let Some(pool) = &mut self.pool {
+                    pool.release(&mut table);
+                }
                 return;
             }
         }
         let mut entry = KvCache::paged(storage, tokens.len());
         let copied = entry
             .set_table(table.clone())
-            .and_then(|()| cache.snapshot(tokens.len()))
-            .and_then(|kv| entry.load_prefix(&kv, tokens.len()));
+            .and_then(|()| entry.share_prefix(cache, shared, tokens.len()));
         if let Err(e) = copied {
             tracing::debug!("prefix cache: copy into KV blocks skipped ({e})");
             if let Some(pool) = &mut self.pool {
@@ -136,6 +143,95 @@ impl KvMemory {
         let entry = Stored::Paged(Arc::new(entry));
         self.prefixes.keep(key, tokens, entry, bytes);
         self.take_back_prefix_blocks();
+    }
+
+    /// The cached entry of `hit` and its blocks that the reused part fills whole, when `r`
+    /// may share them: paged caches, a pool, the entry still cached, at least one whole block.
+    fn shareable_blocks(&self, hit: &PrefixHit) -> Option<(Arc<KvCache>, Vec<u32>)> {
+        let full = hit.len / BLOCK_POSITIONS;
+        let entry = hit.paged_entry()?;
+        if full == 0 || self.paged.is_none() || self.pool.is_none() || !self.prefixes.holds(entry) {
+            return None;
+        }
+        let (_, table) = entry.paged_table()?;
+        (table.len() >= full).then(|| (entry.clone(), table[..full].to_vec()))
+    }
+
+    /// Positions of `hit` a sequence starting with it would hold in shared blocks (0: it would
+    /// copy them), so that admission asks only for the blocks of the rest.
+    pub(super) fn shareable(&self, hit: Option<&PrefixHit>) -> usize {
+        hit.and_then(|h| self.shareable_blocks(h))
+            .map_or(0, |(_, shared)| shared.len() * BLOCK_POSITIONS)
+    }
+
+    /// Starts `r`'s table (empty: before its grant) with the blocks of `hit`'s entry that the
+    /// reused part fills whole, shared; nothing when they cannot be shared.
+    pub(super) fn share_hit_blocks(&mut self, r: &mut Running, hit: Option<&PrefixHit>) {
+        if !r.blocks.is_empty() || !r.cache.is_empty() {
+            return;
+        }
+        let Some((_, shared)) = hit.and_then(|h| self.shareable_blocks(h)) else {
+            return;
+        };
+        if let Some(pool) = &mut self.pool {
+            if pool.share(&shared) {
+                r.blocks = shared;
+                give_blocks(r);
+            }
+        }
+    }
+
+    /// Fills `r`'s empty cache (its blocks granted for what it fills) with `hit`'s reused
+    /// positions. From a paged entry still cached, `r`'s first blocks are the entry's blocks
+    /// that the reused part fills whole (shared at admission, `share_hit_blocks`, or here in
+    /// place of blocks granted before — those go back) and only the rest is copied; otherwise
+    /// (buffer caches, or the entry evicted to make room for `r`) everything is copied. On an
+    /// error `r` holds no shared block any more. Returns the blocks shared.
+    pub(super) fn load_hit(
+        &mut self,
+        r: &mut Running,
+        hit: &PrefixHit,
+    ) -> candle_core::Result<usize> {
+        let Some((entry, shared)) = self.shareable_blocks(hit) else {
+            return hit.load_into(&mut r.cache).map(|()| 0);
+        };
+        let full = shared.len();
+        if r.blocks.len() < full {
+            return hit.load_into(&mut r.cache).map(|()| 0);
+        }
+        let pre_shared = r.blocks[..full] == shared[..];
+        let mut own = Vec::new();
+        if !pre_shared {
+            let Some(pool) = &mut self.pool else {
+                return hit.load_into(&mut r.cache).map(|()| 0);
+            };
+            if !pool.share(&shared) {
+                return hit.load_into(&mut r.cache).map(|()| 0);
+            }
+            own = r.blocks.splice(..full, shared).collect();
+        }
+        let loaded = r
+            .cache
+            .set_table(r.blocks.clone())
+            .and_then(|()| r.cache.share_prefix(&entry, full, hit.len));
+        if let Err(e) = loaded {
+            // Back to blocks of its own, empty: nothing may write into the shared ones.
+            if pre_shared {
+                if !self.unshare(r) {
+                    self.release(r);
+                }
+            } else if let Some(pool) = &mut self.pool {
+                let mut back: Vec<u32> = r.blocks.splice(..full, own).collect();
+                pool.release(&mut back);
+                r.cache.truncate(0);
+                give_blocks(r);
+            }
+            return Err(e);
+        }
+        if let Some(pool) = &mut self.pool {
+            pool.release(&mut own);
+        }
+        Ok(full)
     }
 
     /// At `r`'s end: keeps its history of `tokens` in the prefix cache. Paged, the entry takes
@@ -166,6 +262,33 @@ impl KvMemory {
         self.prefixes
             .keep(&key, tokens, Stored::Paged(Arc::new(entry)), bytes);
         self.take_back_prefix_blocks();
+    }
+
+    /// Gives `r` blocks of its own in place of those it shares with a cached prefix (before its
+    /// cache is emptied and filled again); false, with nothing changed, when too few are free.
+    /// The positions those blocks held are gone: the caller empties the cache.
+    pub(super) fn unshare(&mut self, r: &mut Running) -> bool {
+        let Some(pool) = &mut self.pool else {
+            return true;
+        };
+        let shared: Vec<usize> = (0..r.blocks.len())
+            .filter(|&i| pool.holders(r.blocks[i]) > 1)
+            .collect();
+        if shared.is_empty() {
+            return true;
+        }
+        let mut fresh = Vec::new();
+        if !pool.grow(&mut fresh, shared.len() * BLOCK_POSITIONS) {
+            return false;
+        }
+        let mut old: Vec<u32> = Vec::with_capacity(shared.len());
+        for (i, id) in shared.into_iter().zip(fresh) {
+            old.push(std::mem::replace(&mut r.blocks[i], id));
+        }
+        pool.release(&mut old);
+        r.cache.truncate(0);
+        give_blocks(r);
+        true
     }
 
     /// Returns the blocks of paged prefix entries that are gone to the pool.

@@ -28,6 +28,8 @@ pub struct EngineMetrics {
     /// Sequences whose prefill started after a cached prefix, and the prompt tokens so skipped.
     pub prefix_cache_hits: IntCounter,
     pub prefix_cache_reused_tokens: IntCounter,
+    /// KV blocks sequences took shared from a cached prefix instead of copying (paged caches).
+    pub prefix_cache_shared_blocks: IntCounter,
     pub prefix_cache_bytes: IntGauge,
     /// vLLM's gauges for routers (`None`: not exported).
     pub vllm: Option<VllmMetrics>,
@@ -121,6 +123,10 @@ impl EngineMetrics {
             prefix_cache_reused_tokens: counter(
                 "loraplex_prefix_cache_reused_tokens_total",
                 "Prompt tokens not prefilled because their keys and values were cached",
+            )?,
+            prefix_cache_shared_blocks: counter(
+                "loraplex_prefix_cache_shared_blocks_total",
+                "KV blocks of a cached prefix that sequences share instead of copying (paged KV)",
             )?,
             prefix_cache_bytes: gauge(
                 "loraplex_prefix_cache_bytes",

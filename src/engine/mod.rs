@@ -167,6 +167,15 @@ impl EngineHandle {
         if let Some(p) = &pool {
             metrics.kv_blocks_total.set(p.total() as i64);
         }
+        // The paged storage is allocated here, before anything is served, so that its gauges
+        // are set when the caller goes on.
+        let paged = match (&pool, cfg.paged_kv) {
+            (Some(blocks), true) => scheduler::paged_storage(&model, blocks.total()),
+            _ => None,
+        };
+        metrics.kv_paged.set(i64::from(paged.is_some()));
+        let pool_bytes = paged.as_ref().map_or(0, |p| p.blocks() * p.block_bytes());
+        metrics.kv_pool_bytes.set(pool_bytes as i64);
         let (tx, rx) = mpsc::channel();
         let waiting = Arc::new(AtomicUsize::new(0));
         let handle = Self {
@@ -178,7 +187,7 @@ impl EngineHandle {
         };
         std::thread::Builder::new()
             .name("loraplex-scheduler".into())
-            .spawn(move || scheduler::run(model, cfg, pool, rx, waiting, metrics))
+            .spawn(move || scheduler::run(model, cfg, pool, paged, rx, waiting, metrics))
             .map(|_| ())
             .unwrap_or_else(|e| tracing::error!("cannot start the scheduler thread: {e}"));
         handle

@@ -81,6 +81,14 @@ impl PrefixHit {
             Stored::Paged(entry) => cache.load_prefix(&entry.snapshot(self.len)?, self.len),
         }
     }
+
+    /// The paged cache of the entry found, when it keeps its history in pool blocks.
+    pub fn paged_entry(&self) -> Option<&Arc<KvCache>> {
+        match &self.kv {
+            Stored::Paged(entry) => Some(entry),
+            Stored::Tensors(_) => None,
+        }
+    }
 }
 
 /// The cache, capped in bytes (0: off).
@@ -135,6 +143,11 @@ impl PrefixCache {
             !drop
         });
         self.bytes = self.entries.iter().map(|e| e.bytes).sum();
+    }
+
+    /// Whether `entry` is still one of the cached entries (not evicted since it was found).
+    pub fn holds(&self, entry: &Arc<KvCache>) -> bool {
+        (self.entries.iter()).any(|e| matches!(&e.kv, Stored::Paged(c) if Arc::ptr_eq(c, entry)))
     }
 
     /// Whether it keeps anything (a cap above 0).

@@ -21,6 +21,7 @@ pub(super) fn run(
     model: Arc<LoadedModel>,
     cfg: EngineConfig,
     pool: Option<KvBlocks>,
+    paged: Option<Arc<KvPool>>,
     rx: mpsc::Receiver<Submission>,
     waiting_count: Arc<AtomicUsize>,
     metrics: Arc<EngineMetrics>,
@@ -29,13 +30,7 @@ pub(super) fn run(
     // Preempted sequences, oldest first; they return before any new submission.
     let mut preempted: VecDeque<Running> = VecDeque::new();
     let mut running: Vec<Running> = Vec::new();
-    let paged = match (&pool, cfg.paged_kv) {
-        (Some(blocks), true) => paged_storage(&model, blocks.total()),
-        _ => None,
-    };
     let mut mem = KvMemory::new(pool, PrefixCache::new(cfg.prefix_cache_bytes), paged);
-    metrics.kv_paged.set(i64::from(mem.is_paged()));
-    metrics.kv_pool_bytes.set(mem.pool_bytes() as i64);
     // The backend is fixed by the model's device; it says how many rows one forward call holds.
     let row_budget = match Backend::of(model.llama.device()) {
         Ok(b) => b.row_budget(),
@@ -108,7 +103,7 @@ pub(super) fn run(
 
 /// The device storage of a pool of `blocks` KV blocks for paged caches; `None` (each sequence
 /// keeps its own buffers) when the device cannot hold it, with a warning.
-fn paged_storage(model: &LoadedModel, blocks: usize) -> Option<Arc<KvPool>> {
+pub(super) fn paged_storage(model: &LoadedModel, blocks: usize) -> Option<Arc<KvPool>> {
     let llama = &model.llama;
     let (_, nkv, hd) = llama.cfg.heads();
     let layers = llama.cfg.num_hidden_layers;

@@ -304,6 +304,43 @@ impl KvCache {
             .collect()
     }
 
+    /// Fills an empty paged cache with `src`'s first `len` positions, both in the same pool:
+    /// the first `shared_blocks` blocks of its table must be `src`'s own (the engine shares
+    /// them: they already hold those positions and are never written again), and the rest,
+    /// positions `shared_blocks · bs..len`, is copied from `src`'s blocks into its own. The next
+    /// token is at `len`.
+    pub fn share_prefix(&mut self, src: &KvCache, shared_blocks: usize, len: usize) -> Result<()> {
+        if self.len != 0 {
+            candle_core::bail!("share_prefix into a cache that already holds {}", self.len);
+        }
+        if len > src.len {
+            candle_core::bail!("a prefix of {len} positions from a cache of {}", src.len);
+        }
+        let (Store::Paged { pool, table }, Some((src_pool, src_table))) =
+            (&self.store, src.paged_table())
+        else {
+            candle_core::bail!("share_prefix needs two paged caches");
+        };
+        if !Arc::ptr_eq(pool, src_pool) {
+            candle_core::bail!("share_prefix from a cache of another pool");
+        }
+        let shared = shared_blocks * pool.block_positions();
+        if shared > len
+            || table.len() < shared_blocks
+            || src_table.len() < shared_blocks
+            || table[..shared_blocks] != src_table[..shared_blocks]
+        {
+            candle_core::bail!(
+                "share_prefix: the first {shared_blocks} blocks are not the source's, or hold more than {len} positions"
+            );
+        }
+        self.check_end(len)?;
+        pool.copy_positions(src_table, table, shared, len)?;
+        self.pending = len;
+        self.commit();
+        Ok(())
+    }
+
     /// Fills an empty cache with the first `len` positions of `kv` (one `[kv_heads, n, head_dim]`
     /// pair per layer, `n >= len`, as [`KvCache::snapshot`] gives): the next token is at `len`.
     pub fn load_prefix(&mut self, kv: &[(Tensor, Tensor)], len: usize) -> Result<()> {

@@ -132,6 +132,33 @@ impl KvPool {
         Ok(())
     }
 
+    /// Copies positions `from..to` of every layer from the blocks of `src` to those of `dst`
+    /// (one gather of the source blocks the range touches per layer, then `write`).
+    pub fn copy_positions(&self, src: &[u32], dst: &[u32], from: usize, to: usize) -> Result<()> {
+        if from >= to {
+            return Ok(());
+        }
+        let bs = self.block_positions;
+        let first = from / bs;
+        if to.div_ceil(bs) > src.len() {
+            bail!(
+                "positions up to {to} are past the {} positions of the source blocks",
+                src.len() * bs
+            );
+        }
+        self.check_table(&src[first..to.div_ceil(bs)])?;
+        for l in 0..self.num_layers() {
+            let (kp, vp) = self.layer(l)?;
+            let (k, v) = gather_history(kp, vp, &src[first..], to - first * bs)?;
+            let (k, v) = (
+                k.narrow(1, from - first * bs, to - from)?,
+                v.narrow(1, from - first * bs, to - from)?,
+            );
+            self.write(l, dst, from, &k, &v)?;
+        }
+        Ok(())
+    }
+
     /// Positions `0..len` of `table` in layer `l` as `[nkv, len, hd]` keys and values (copies).
     pub fn read(&self, l: usize, table: &[u32], len: usize) -> Result<(Tensor, Tensor)> {
         let (kp, vp) = self.layer(l)?;
