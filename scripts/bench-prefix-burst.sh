@@ -4,12 +4,13 @@
 # the requests' latency p50 / max (≈ TTFT) and the mean prompt tokens the prefix cache supplied.
 # Run it with two binaries in turn to compare them.
 #
-# usage: scripts/bench-prefix-burst.sh BIN [N]
+# usage: scripts/bench-prefix-burst.sh BIN [N [SERVE ARGS...]]   (e.g. --kv-layout paged)
 set -euo pipefail
 BIN=$1 N=${2:-16}
+shift $(( $# < 2 ? $# : 2 ))
 PORT=${PORT:-18182}
 source "$(dirname "$0")/serve-in-background.sh"
-serve_in_background "$BIN" "$PORT"
+serve_in_background "$BIN" "$PORT" "$@"
 python3 - "http://127.0.0.1:$PORT" "$N" <<'EOF'
 import json, sys, threading, time, urllib.request
 url, n = sys.argv[1], int(sys.argv[2])
