@@ -144,6 +144,16 @@ impl Nf4Shape {
         self.rows * self.cols
     }
 
+    /// The plain shape the CUDA launch code takes.
+    #[cfg(feature = "cuda")]
+    fn dims(&self) -> super::cuda::Dims {
+        super::cuda::Dims {
+            rows: self.rows,
+            cols: self.cols,
+            blocksize: self.blocksize,
+        }
+    }
+
     /// Checks the codes and table lengths against the shape.
     pub fn check(&self, codes: usize, tables: usize) -> Result<()> {
         if self.blocksize == 0 {
@@ -290,7 +300,7 @@ impl CustomOp2 for Nf4DequantOp {
         tables: &candle_core::CudaStorage,
         lt: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let out = super::cuda::dequantize(codes, lc, tables, lt, self.shape, self.dtype)?;
+        let out = super::cuda::dequantize(codes, lc, tables, lt, self.shape.dims(), self.dtype)?;
         Ok((out, Shape::from_dims(&[self.shape.rows, self.shape.cols])))
     }
 }
@@ -344,7 +354,7 @@ impl CustomOp3 for Nf4RowsOp {
         tables: &candle_core::CudaStorage,
         lt: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let out = super::cuda::rows(x, lx, codes, lc, tables, lt, self.shape, self.m)?;
+        let out = super::cuda::rows(x, lx, codes, lc, tables, lt, self.shape.dims(), self.m)?;
         Ok((out, Shape::from_dims(&[self.m, self.shape.rows])))
     }
 }

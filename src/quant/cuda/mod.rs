@@ -1,9 +1,9 @@
 //! CUDA launch code of [`crate::quant::nf4_device`]'s ops: the kernels of `nf4.cu` (PTX built by
-//! `build.rs`), on candle's CUDA storages. The ops' callers checked the shapes; this module
-//! re-checks what the kernels' memory safety rests on (element counts, contiguity, alignment of
-//! the code rows) before launching.
+//! `build.rs`), on candle's CUDA storages. The ops call down with plain shapes (this module does
+//! not reach back into theirs); it re-checks what the kernels' memory safety rests on (element
+//! counts, contiguity, the rows kernel's shape limits, alignment of the code rows) before
+//! launching.
 
-use super::nf4_device::{rows_kernel_fits, Nf4Shape, CHUNK, ROWS_MAX};
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{
     CudaSlice, CudaView, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg,
@@ -18,6 +18,18 @@ const DEQUANT_THREADS: u32 = 256;
 const DEQUANT_MAX_BLOCKS: u64 = 65535;
 /// Warps (weight rows) per block of the rows kernel (`NF4_ROWS_WARPS`).
 const ROWS_WARPS: usize = 4;
+/// The most input rows of the rows kernel (`NF4_ROWS_MAX`).
+const ROWS_MAX: usize = 8;
+/// Weights per 16-byte code chunk (`NF4_CHUNK`).
+const CHUNK: usize = 32;
+
+/// A packed weight's `[rows, cols]` and absmax block size.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Dims {
+    pub rows: usize,
+    pub cols: usize,
+    pub blocksize: usize,
+}
 
 /// The contiguous view of a CUDA storage, checked to hold `len` elements of `T`.
 fn view<'a, T: CudaDType>(
@@ -49,7 +61,7 @@ pub(crate) fn dequantize(
     lc: &Layout,
     tables: &CudaStorage,
     lt: &Layout,
-    shape: Nf4Shape,
+    shape: Dims,
     dtype: DType,
 ) -> Result<CudaStorage> {
     let dev = codes.device().clone();
@@ -74,12 +86,14 @@ fn dequant<T: CudaDType + DeviceRepr>(
     lc: &Layout,
     tables: &CudaStorage,
     lt: &Layout,
-    shape: Nf4Shape,
+    shape: Dims,
     suffix: &str,
 ) -> Result<CudaSlice<T>> {
     let numel = shape.rows * shape.cols;
-    let blocks = numel.div_ceil(shape.blocksize.max(1));
-    shape.check(lc.shape().elem_count(), lt.shape().elem_count())?;
+    if shape.blocksize == 0 {
+        bail!("nf4 dequantize: block size 0");
+    }
+    let blocks = numel.div_ceil(shape.blocksize);
     let dev = codes.device();
     let cv = view::<u8>(codes, lc, numel.div_ceil(2), "codes")?;
     let tv = view::<f32>(tables, lt, 16 + blocks, "tables")?;
@@ -115,7 +129,7 @@ pub(crate) fn rows(
     lc: &Layout,
     tables: &CudaStorage,
     lt: &Layout,
-    shape: Nf4Shape,
+    shape: Dims,
     m: usize,
 ) -> Result<CudaStorage> {
     let dev = x.device().clone();
@@ -138,18 +152,19 @@ struct RowsArgs<'a> {
     x: (&'a CudaStorage, &'a Layout),
     codes: (&'a CudaStorage, &'a Layout),
     tables: (&'a CudaStorage, &'a Layout),
-    shape: Nf4Shape,
+    shape: Dims,
     m: usize,
 }
 
 fn rows_launch<T: CudaDType + DeviceRepr>(a: &RowsArgs<'_>, suffix: &str) -> Result<CudaSlice<T>> {
-    let Nf4Shape {
+    let Dims {
         rows,
         cols,
         blocksize,
     } = a.shape;
     let m = a.m;
-    if m == 0 || m > ROWS_MAX || !rows_kernel_fits(cols, blocksize) {
+    let fits = cols > 0 && cols.is_multiple_of(CHUNK) && blocksize.is_multiple_of(CHUNK);
+    if m == 0 || m > ROWS_MAX || blocksize == 0 || !fits {
         bail!(
             "nf4 rows: {m} rows of [{rows}, {cols}] in blocks of {blocksize} do not fit the kernel"
         );
