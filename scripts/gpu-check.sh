@@ -10,7 +10,8 @@
 # `run` writes its logs and the table under $OUT when set (the device tool's output folder).
 # Environment for `run`: GPU_CHECK_BENCH_NEW (decode tokens per stream, default 128),
 # GPU_CHECK_BENCH_STREAMS (default 1,64), GPU_CHECK_BENCH_LAYOUTS (default buffers,paged),
-# GPU_CHECK_SKIP_BENCH=1 to skip the benchmarks, GPU_CHECK_SKIP_NF4=1 to skip the NF4 one
+# GPU_CHECK_SKIP_BENCH=1 to skip the benchmarks (the 8B shape, its overhead floor on
+# dummy:llama-3-8b-skeleton, NF4), GPU_CHECK_SKIP_NF4=1 to skip the NF4 one
 # (the same model quantized with --quantize nf4: 1 and 64 streams, no adapter and distinct ones,
 # paged KV).
 set -uo pipefail
@@ -81,6 +82,20 @@ run() {
       bench_ok="FAILED"; tail -n 30 "$out/bench.err"
     fi
   fi
+  # The overhead floor: the same 32 layers, head_dim and GQA with tiny widths (no weights to
+  # speak of), so its ms per step is launches + host work; the 8B's minus it is the rest.
+  local floor_ok=skipped
+  if [ "${GPU_CHECK_SKIP_BENCH:-0}" != 1 ]; then
+    t0=$SECONDS
+    if /tmp/lp/loraplex bench --model dummy:llama-3-8b-skeleton --device cuda --dtype bf16 \
+        --streams "${GPU_CHECK_BENCH_STREAMS:-1,64}" --adapters none,distinct --rank 16 \
+        --targets all-linear --prompt-len 128 --new-tokens 64 --kv-layouts paged \
+        --warmup-secs 1 > "$out/bench-floor.md" 2> "$out/bench-floor.err"; then
+      floor_ok="ok ($((SECONDS - t0)) s)"
+    else
+      floor_ok="FAILED"; tail -n 30 "$out/bench-floor.err"
+    fi
+  fi
   local nf4_ok=skipped
   if [ "${GPU_CHECK_SKIP_BENCH:-0}" != 1 ] && [ "${GPU_CHECK_SKIP_NF4:-0}" != 1 ]; then
     t0=$SECONDS
@@ -102,6 +117,9 @@ run() {
     echo
     echo "bench (Llama-3-8B shape, bf16, dummy weights): $bench_ok"
     cat "$out/bench.md" 2>/dev/null
+    echo
+    echo "bench, overhead floor (dummy:llama-3-8b-skeleton: the 8B's layers and heads, tiny widths): $floor_ok"
+    cat "$out/bench-floor.md" 2>/dev/null
     echo
     echo "bench, NF4 base (--quantize nf4, same shape and dummy weights, paged KV): $nf4_ok"
     cat "$out/bench-nf4.md" 2>/dev/null

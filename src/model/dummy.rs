@@ -42,6 +42,16 @@ const NAMED: &[(&str, &str)] = &[
             "bos_token_id": 128000, "eos_token_id": 128001}"#,
     ),
     (
+        // Llama-3-8B's 32 layers, head_dim and GQA grouping with tiny widths: the same launches
+        // and host work per decode step with almost no weights to read (a step's overhead floor).
+        "llama-3-8b-skeleton",
+        r#"{"model_type": "llama", "vocab_size": 1024, "hidden_size": 512,
+            "intermediate_size": 1024, "num_hidden_layers": 32, "num_attention_heads": 4,
+            "num_key_value_heads": 1, "rms_norm_eps": 1e-5, "rope_theta": 500000.0,
+            "max_position_embeddings": 8192, "tie_word_embeddings": false,
+            "bos_token_id": 1, "eos_token_id": 2}"#,
+    ),
+    (
         "smollm2-135m",
         r#"{"model_type": "llama", "vocab_size": 49152, "hidden_size": 576,
             "intermediate_size": 1536, "num_hidden_layers": 30, "num_attention_heads": 9,
@@ -224,6 +234,13 @@ mod tests {
         // Llama-3-8B has 8.03 B parameters.
         let n = param_count(&c) as f64 / 1e9;
         assert!((n - 8.03).abs() < 0.01, "{n}");
+        let k = config("llama-3-8b-skeleton").unwrap();
+        assert_eq!(
+            (k.num_hidden_layers, k.head_dim, k.num_attention_heads / k.num_key_value_heads),
+            (c.num_hidden_layers, c.head_dim, 4),
+            "the 8B's layers, head_dim and GQA group"
+        );
+        assert!(param_count(&k) * 50 < param_count(&c));
         let s = config("smollm2-135m").unwrap();
         let n = param_count(&s) as f64 / 1e6;
         assert!((n - 134.5).abs() < 1.0, "{n}");
