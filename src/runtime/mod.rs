@@ -19,6 +19,7 @@ pub mod device;
 pub mod lora_rows;
 pub mod paged_kv;
 pub mod reference;
+pub mod upload_cache;
 
 pub use batch::{LogitsMode, RowGroups, SeqInput};
 pub use device::{DeviceSpec, DtypeSpec};

@@ -1,8 +1,10 @@
 //! CUDA launch code of [`crate::runtime::paged_kv`]: the paged kernels of
 //! `kernels/decode_attention.cu` (the attention body is the per-buffer kernel's, reading K/V
-//! rows through the block tables). One upload per call of the rows' metadata (slots for the
-//! append; table starts, lengths and the concatenated tables for the attention), one launch for
-//! the append, one for the attention plus one to merge splits (the same [`Plan`]).
+//! rows through the block tables). The rows' metadata (slots for the append; table starts,
+//! lengths and the concatenated tables for the attention) is the same for every layer of a
+//! decode step: it is uploaded by the first layer and reused by the others
+//! (`runtime::upload_cache`). Then one launch for the append, one for the attention plus one to
+//! merge splits (the same [`Plan`]).
 //!
 //! The inputs were validated by the device-generic module (shapes, dtypes, devices, ids inside
 //! the pool, tables covering the lengths and positions, distinct written slots, no aliasing);
@@ -13,12 +15,20 @@ use super::decode_attention::{
     alloc_outputs, combine_splits, cuda_device, lock_distinct, to_i32, to_u32, view, Plan, MODULE,
     PTX, THREADS,
 };
+use crate::runtime::upload_cache::LastUpload;
+use candle_core::cuda_backend::DeviceId;
 use candle_core::cuda_backend::cudarc::driver::{
-    DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg,
+    CudaSlice, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg,
 };
+use std::sync::Arc;
 use candle_core::cuda_backend::{CudaDType, WrapErr};
 use candle_core::op::BackpropOp;
 use candle_core::{bail, CudaDevice, CudaStorage, DType, Result, Storage, Tensor};
+
+/// The last upload of a decode step's slots and of its tables and lengths (the same for every
+/// layer of the step).
+static SLOTS: LastUpload<DeviceId, Arc<CudaSlice<u32>>> = LastUpload::new();
+static TABLES: LastUpload<DeviceId, Arc<CudaSlice<u32>>> = LastUpload::new();
 
 /// The CUDA side of `paged_append_kv_rows`: `k_new`, `v_new` contiguous `[B, nkv, hd]`; row b
 /// writes pool slot `slots[b]` (block · bs + offset), distinct and inside the pools.
@@ -65,13 +75,15 @@ fn append<T: CudaDType + DeviceRepr>(
     let vn = view::<T>(&guards[idx[1]], v_new, &dev, b * nkv * hd, "v_new")?;
     let kp = view::<T>(&guards[idx[2]], k_pool, &dev, pool_elems, "the K pool")?;
     let vp = view::<T>(&guards[idx[3]], v_pool, &dev, pool_elems, "the V pool")?;
-    let meta = dev.clone_htod(slots)?;
+    // The same slots for every layer of a decode step: uploaded once per step.
+    let meta_buf = SLOTS.get(dev.id(), slots, |m| dev.clone_htod(m).map(Arc::new))?;
+    let meta: &CudaSlice<u32> = &meta_buf;
     let (nkv_i, bs_i, hd_i) = (to_i32(nkv, "nkv")?, to_i32(bs, "bs")?, to_i32(hd, "hd")?);
 
     let func =
         dev.get_or_load_custom_func(&format!("paged_append_kv_rows_{suffix}"), MODULE, PTX)?;
     let mut builder = func.builder();
-    builder.arg(&kn).arg(&vn).arg(&kp).arg(&vp).arg(&meta);
+    builder.arg(&kn).arg(&vn).arg(&kp).arg(&vp).arg(meta);
     builder.arg(&nkv_i).arg(&bs_i).arg(&hd_i);
     let cfg = LaunchConfig {
         grid_dim: (b as u32, nkv as u32, 1),
@@ -181,7 +193,8 @@ fn attend<T: CudaDType + DeviceRepr>(
     let qv = view::<T>(&guards[idx[0]], q, dev, b * nh * hd, "q")?;
     let kp = view::<T>(&guards[idx[1]], k_pool, dev, pool_elems, "the K pool")?;
     let vp = view::<T>(&guards[idx[2]], v_pool, dev, pool_elems, "the V pool")?;
-    let meta = dev.clone_htod(&meta)?;
+    // The same tables and lengths for every layer of a decode step: uploaded once per step.
+    let meta = TABLES.get(dev.id(), &meta, |m| dev.clone_htod(m).map(Arc::new))?;
     let (meta_ptr, meta_guard) = meta.device_ptr(&stream);
     let (starts_arg, lens_arg) = (meta_ptr, meta_ptr + 4 * b as u64);
     let tables_arg = meta_ptr;
