@@ -236,7 +236,11 @@ mod tests {
         assert!((n - 8.03).abs() < 0.01, "{n}");
         let k = config("llama-3-8b-skeleton").unwrap();
         assert_eq!(
-            (k.num_hidden_layers, k.head_dim, k.num_attention_heads / k.num_key_value_heads),
+            (
+                k.num_hidden_layers,
+                k.head_dim,
+                k.num_attention_heads / k.num_key_value_heads
+            ),
             (c.num_hidden_layers, c.head_dim, 4),
             "the 8B's layers, head_dim and GQA group"
         );

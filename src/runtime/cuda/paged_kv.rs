@@ -16,14 +16,14 @@ use super::decode_attention::{
     PTX, THREADS,
 };
 use crate::runtime::upload_cache::LastUpload;
-use candle_core::cuda_backend::DeviceId;
 use candle_core::cuda_backend::cudarc::driver::{
     CudaSlice, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg,
 };
-use std::sync::Arc;
+use candle_core::cuda_backend::DeviceId;
 use candle_core::cuda_backend::{CudaDType, WrapErr};
 use candle_core::op::BackpropOp;
 use candle_core::{bail, CudaDevice, CudaStorage, DType, Result, Storage, Tensor};
+use std::sync::Arc;
 
 /// The last upload of a decode step's slots and of its tables and lengths (the same for every
 /// layer of the step).
