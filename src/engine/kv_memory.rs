@@ -2,15 +2,18 @@
 //! running sequences and the prefix cache.
 //!
 //! The prefix cache's entries hold blocks of the pool too (their own table), so the budget
-//! bounds everything the engine keeps. With paged caches the blocks a prefix fills whole are
-//! shared, not copied: an entry made from a running sequence's prompt holds the same blocks as
-//! the sequence, and a sequence that starts with a cached prefix holds the entry's blocks; only
-//! the positions of a last, partly filled block are copied (into a block of the new holder's
-//! own, since its owner goes on writing there). A block is free when its last holder ends. Cached prefixes only use blocks no sequence needs: when a
+//! bounds everything the engine keeps. Cached prefixes only use blocks no sequence needs: when a
 //! sequence must grow or one waiting must be admitted and too few blocks are free, cached
 //! entries are evicted first (least recently used), and only once the cache is empty is a
 //! running sequence preempted. Without a budget there is no pool and the prefix cache keeps its
 //! own byte cap.
+//!
+//! With paged caches the blocks a prefix fills whole are shared, not copied: an entry made from
+//! a running sequence's prompt holds the same blocks as the sequence, and a sequence that starts
+//! with a cached prefix holds the entry's blocks; only the positions of a last, partly filled
+//! block are copied (into a block of the new holder's own, since its owner goes on writing
+//! there). A block is free when its last holder lets it go, and nothing writes into a block
+//! another table holds.
 
 use super::kv_blocks::{KvBlocks, BLOCK_POSITIONS};
 use super::prefix_cache::{PrefixCache, PrefixHit, StackKey, Stored};

@@ -95,8 +95,8 @@ fn take(
 impl Llama {
     /// Builds the model from HF-named tensors (`model.layers.N.self_attn.q_proj.weight`, ...),
     /// stored as `at` says. Every shape is checked against the config; a missing or misshapen
-    /// tensor is an error. bitsandbytes NF4 layers stay packed on the CPU and are dequantized
-    /// to the dtype on other devices.
+    /// tensor is an error. bitsandbytes NF4 layers stay packed: in host memory on the CPU, in
+    /// the device's memory on a GPU.
     pub fn from_tensors(
         cfg: LlamaConfig,
         mut map: HashMap<String, Tensor>,
