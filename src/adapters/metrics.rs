@@ -1,4 +1,5 @@
-//! The adapter cache's Prometheus metrics: hits, misses, evictions, bytes and load times.
+//! The adapter cache's Prometheus metrics: hits, misses, evictions, bytes and load times, and
+//! the host tier's hits and bytes.
 
 use prometheus::{Histogram, HistogramOpts, IntCounter, IntGauge, Registry};
 
@@ -9,6 +10,9 @@ pub struct AdapterMetrics {
     pub evictions: IntCounter,
     pub bytes: IntGauge,
     pub load_seconds: Histogram,
+    /// Cache misses served from the host tier (no folder read), and the tier's bytes.
+    pub host_hits: IntCounter,
+    pub host_bytes: IntGauge,
 }
 
 impl AdapterMetrics {
@@ -31,6 +35,11 @@ impl AdapterMetrics {
             .buckets(prometheus::exponential_buckets(0.001, 2.0, 14)?),
         )?;
         registry.register(Box::new(load_seconds.clone()))?;
+        let host_bytes = IntGauge::new(
+            "loraplex_adapter_host_tier_bytes",
+            "Bytes of parsed adapters kept in host memory behind the cache",
+        )?;
+        registry.register(Box::new(host_bytes.clone()))?;
         Ok(Self {
             hits: counter(
                 "loraplex_adapter_cache_hits_total",
@@ -46,6 +55,11 @@ impl AdapterMetrics {
             )?,
             bytes,
             load_seconds,
+            host_hits: counter(
+                "loraplex_adapter_host_tier_hits_total",
+                "Adapter cache misses rebuilt from the host tier instead of the folder",
+            )?,
+            host_bytes,
         })
     }
 }

@@ -1,5 +1,6 @@
-//! Named adapters for the server: a registry of adapter folders (name → path, version, usage) and
-//! a bytes-capped LRU cache of loaded adapters (`moka`).
+//! Named adapters for the server: a registry of adapter folders (name → path, version, usage), a
+//! bytes-capped LRU cache of loaded adapters (`moka`) and, behind it, a host tier of parsed
+//! adapters (`host_tier`) so that an evicted adapter returns without reading its folder again.
 //!
 //! Loading happens in the request's task (off the scheduler thread); concurrent first requests for
 //! one adapter load it once. A sequence holds its adapter through an `Arc`, so an adapter in use
@@ -7,6 +8,7 @@
 //! back instead of loading a second copy. Replacing an adapter gives it a new version (a new cache
 //! key); running sequences keep the version they started with.
 
+mod host_tier;
 mod metrics;
 mod registry;
 

@@ -1,6 +1,7 @@
 //! The adapter registry and its bytes-capped cache (registered adapters by version, and the
 //! combinations of them requests asked for).
 
+use super::host_tier::HostTier;
 use super::metrics::AdapterMetrics;
 use super::valid_name;
 use crate::lora::{combine, CombineOptions, LoraAdapter, LoraStack};
@@ -95,6 +96,8 @@ pub struct AdapterRegistry {
     placement: Placement,
     records: RwLock<BTreeMap<String, Record>>,
     cache: Cache<CacheKey, Arc<CachedAdapter>>,
+    /// Parsed adapters kept behind the cache (`host_tier`).
+    host: HostTier,
     alive: Mutex<HashMap<CacheKey, Weak<CachedAdapter>>>,
     next_version: AtomicU64,
     metrics: Arc<AdapterMetrics>,
@@ -145,10 +148,18 @@ impl AdapterRegistry {
             placement,
             records: RwLock::new(BTreeMap::new()),
             cache,
+            host: HostTier::new(0),
             alive: Mutex::new(HashMap::new()),
             next_version: AtomicU64::new(1),
             metrics,
         })
+    }
+
+    /// Keeps up to `bytes` of parsed adapters behind the cache (0, the default: none), so that an
+    /// evicted adapter used again is rebuilt from memory, not read from its folder.
+    pub fn with_host_tier(mut self, bytes: u64) -> Self {
+        self.host = HostTier::new(bytes);
+        self
     }
 
     /// The adapters directory.
@@ -317,6 +328,8 @@ impl AdapterRegistry {
         self.cache
             .invalidate(&CacheKey::Adapter(name.to_string(), version))
             .await;
+        self.host.forget(name, version).await;
+        self.metrics.host_bytes.set(self.host.bytes() as i64);
         let name = name.to_string();
         let stale = move |k: &CacheKey, _: &Arc<CachedAdapter>| match k {
             CacheKey::Combined(members, _) => {
@@ -373,8 +386,15 @@ impl AdapterRegistry {
         let n = name.to_string();
         let path = dir.clone();
         let t0 = Instant::now();
+        let kept = self.host.get(name, version).await;
+        if kept.is_some() {
+            self.metrics.host_hits.inc();
+        }
         let res = tokio::task::spawn_blocking(move || -> anyhow::Result<CachedAdapter> {
-            let adapter = Arc::new(LoraAdapter::load(&n, &dir, &base)?);
+            let adapter = match kept {
+                Some(a) => a,
+                None => Arc::new(LoraAdapter::load(&n, &dir, &base)?),
+            };
             let stack = Arc::new(LoraStack::new_on(
                 vec![(adapter.clone(), 1.0)],
                 base.num_hidden_layers,
@@ -387,6 +407,10 @@ impl AdapterRegistry {
             })
         })
         .await;
+        if let Ok(Ok(c)) = &res {
+            self.host.insert(name, version, c.adapter.clone()).await;
+            self.metrics.host_bytes.set(self.host.bytes() as i64);
+        }
         self.metrics
             .load_seconds
             .observe(t0.elapsed().as_secs_f64());

@@ -60,6 +60,10 @@ pub struct ServeArgs {
     /// Byte cap of the loaded-adapter cache.
     #[arg(long)]
     pub adapter_cache_bytes: Option<u64>,
+    /// Byte cap of the adapters' host tier (parsed adapters kept in host memory behind the
+    /// cache, so an evicted one returns without reading its folder; 0: off).
+    #[arg(long)]
+    pub adapter_host_cache_bytes: Option<u64>,
     /// Most sequences per forward step.
     #[arg(long)]
     pub max_batch_size: Option<usize>,
@@ -116,6 +120,7 @@ impl ServeArgs {
             host,
             port,
             adapter_cache_bytes,
+            adapter_host_cache_bytes,
             max_batch_size,
             max_waiting,
             prefill_chunk,

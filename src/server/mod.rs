@@ -220,7 +220,8 @@ pub async fn build_state(cfg: &ServeConfig) -> Result<Shared> {
         model.llama.placement(),
         cfg.adapter_cache_bytes,
         adapter_metrics,
-    )?);
+    )?
+    .with_host_tier(cfg.adapter_host_cache_bytes));
     let mut n = adapters.scan()?;
     if adapters.remove(&model.id).await.is_ok() {
         n -= 1;
