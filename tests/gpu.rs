@@ -275,8 +275,8 @@ fn an_8b_r16_all_linear_adapter_loads_to_the_gpu() {
     let t0 = std::time::Instant::now();
     let adapter = Arc::new(LoraAdapter::load("big", &path, &cfg).unwrap());
     let t_parse = t0.elapsed();
-    let stack = LoraStack::new_on(vec![(adapter.clone(), 1.0)], cfg.num_hidden_layers, &at)
-        .unwrap();
+    let stack =
+        LoraStack::new_on(vec![(adapter.clone(), 1.0)], cfg.num_hidden_layers, &at).unwrap();
     at.device.synchronize().unwrap();
     let t_cold = t0.elapsed();
     let bytes = stack.bytes();

@@ -213,15 +213,17 @@ pub async fn build_state(cfg: &ServeConfig) -> Result<Shared> {
     let sampling = sampling_defaults(cfg, &model)?;
     let model = Arc::new(model);
     let adapter_metrics = Arc::new(AdapterMetrics::new(&metrics.registry)?);
-    let adapters = Arc::new(AdapterRegistry::new(
-        cfg.adapters_dir.clone(),
-        cfg.allow_adapter_paths_outside,
-        model.llama.cfg.clone(),
-        model.llama.placement(),
-        cfg.adapter_cache_bytes,
-        adapter_metrics,
-    )?
-    .with_host_tier(cfg.adapter_host_cache_bytes));
+    let adapters = Arc::new(
+        AdapterRegistry::new(
+            cfg.adapters_dir.clone(),
+            cfg.allow_adapter_paths_outside,
+            model.llama.cfg.clone(),
+            model.llama.placement(),
+            cfg.adapter_cache_bytes,
+            adapter_metrics,
+        )?
+        .with_host_tier(cfg.adapter_host_cache_bytes),
+    );
     let mut n = adapters.scan()?;
     if adapters.remove(&model.id).await.is_ok() {
         n -= 1;
