@@ -61,7 +61,8 @@ pub struct ServeArgs {
     #[arg(long)]
     pub adapter_cache_bytes: Option<u64>,
     /// Byte cap of the adapters' host tier (parsed adapters kept in host memory behind the
-    /// cache, so an evicted one returns without reading its folder; 0: off).
+    /// cache, so an evicted one returns without reading its folder; 0: off). Default: 2 GiB
+    /// with the base on a GPU, 0 on the CPU.
     #[arg(long)]
     pub adapter_host_cache_bytes: Option<u64>,
     /// Most sequences per forward step.
@@ -120,7 +121,6 @@ impl ServeArgs {
             host,
             port,
             adapter_cache_bytes,
-            adapter_host_cache_bytes,
             max_batch_size,
             max_waiting,
             prefill_chunk,
@@ -140,6 +140,9 @@ impl ServeArgs {
         }
         if let Some(v) = self.keep_alive_timeout {
             c.keep_alive_timeout_secs = v;
+        }
+        if self.adapter_host_cache_bytes.is_some() {
+            c.adapter_host_cache_bytes = self.adapter_host_cache_bytes;
         }
         if self.kv_cache_bytes.is_some() {
             c.kv_cache_bytes = self.kv_cache_bytes;

@@ -70,8 +70,9 @@ pub struct ServeConfig {
     /// Byte cap of the loaded-adapter cache.
     pub adapter_cache_bytes: u64,
     /// Byte cap of the host tier: parsed adapters kept in host memory behind the cache, so an
-    /// evicted adapter returns without its folder being read again (0: off).
-    pub adapter_host_cache_bytes: u64,
+    /// evicted adapter returns without its folder being read again (0: off). Unset: 2 GiB with
+    /// the base on a GPU; 0 on the CPU (measured: no gain there, BENCHMARKS.md).
+    pub adapter_host_cache_bytes: Option<u64>,
     /// Most sequences per forward step.
     pub max_batch_size: usize,
     /// Most requests waiting for a batch slot (beyond: 429).
@@ -124,7 +125,7 @@ impl Default for ServeConfig {
             preload: Vec::new(),
             merge: Vec::new(),
             adapter_cache_bytes: 1 << 30,
-            adapter_host_cache_bytes: 2 << 30,
+            adapter_host_cache_bytes: None,
             max_batch_size: 32,
             max_waiting: 256,
             prefill_chunk: 256,

@@ -177,6 +177,16 @@ fn kv_budget(cfg: &ServeConfig, model: &crate::model::LoadedModel) -> Result<Opt
     Ok(free.map(|(free, _total)| free / 10 * 9))
 }
 
+/// The adapters' host tier cap: as configured, else 2 GiB with the base on a GPU (a reload is a
+/// parse and an upload there) and none on the CPU (where it measured no gain).
+fn host_tier_bytes(cfg: &ServeConfig, model: &crate::model::LoadedModel) -> u64 {
+    let default = match model.llama.device().is_cpu() {
+        true => 0,
+        false => 2 << 30,
+    };
+    cfg.adapter_host_cache_bytes.unwrap_or(default)
+}
+
 /// Loads the model and adapters, starts the engine and builds the shared state.
 pub async fn build_state(cfg: &ServeConfig) -> Result<Shared> {
     cfg.validate()?;
@@ -222,7 +232,7 @@ pub async fn build_state(cfg: &ServeConfig) -> Result<Shared> {
             cfg.adapter_cache_bytes,
             adapter_metrics,
         )?
-        .with_host_tier(cfg.adapter_host_cache_bytes),
+        .with_host_tier(host_tier_bytes(cfg, &model)),
     );
     let mut n = adapters.scan()?;
     if adapters.remove(&model.id).await.is_ok() {
