@@ -101,15 +101,19 @@ fn smollm2_shape_greedy_ids_on_the_gpu_equal_the_cpu() {
     println!("GPUCHECK smollm2-shape f32: 32 greedy ids identical to the CPU for base, adapter, stack, merge");
 }
 
-#[test]
-fn lora_kernels_match_their_cpu_reference() {
-    let dev = gpu();
+/// Runs `check(dtype, seed)` in f32, bf16 and f16 for seeds `0..seeds`, each error within
+/// `tol(dtype)`; returns the `" F32 1.0e-6; BF16 ...;"` summary of the worst per dtype.
+fn worst_by_dtype(
+    seeds: u64,
+    tol: impl Fn(DType) -> f32,
+    check: impl Fn(DType, u64) -> candle_core::Result<f32>,
+) -> String {
     let mut line = String::new();
     for dtype in [DType::F32, DType::BF16, DType::F16] {
-        let tol = tolerance(dtype);
+        let tol = tol(dtype);
         let mut worst = 0f32;
-        for seed in 0..3 {
-            let e = check_against_reference(&dev, dtype, seed).unwrap();
+        for seed in 0..seeds {
+            let e = check(dtype, seed).unwrap();
             assert!(
                 e <= tol,
                 "{dtype:?} seed {seed}: max relative error {e} > {tol}"
@@ -118,6 +122,15 @@ fn lora_kernels_match_their_cpu_reference() {
         }
         line.push_str(&format!(" {dtype:?} {worst:.1e};"));
     }
+    line
+}
+
+#[test]
+fn lora_kernels_match_their_cpu_reference() {
+    let dev = gpu();
+    let line = worst_by_dtype(3, tolerance, |dtype, seed| {
+        check_against_reference(&dev, dtype, seed)
+    });
     println!("GPUCHECK lora kernels (64 rows, 40 sets, ranks 1-256 mixed) max rel err:{line}");
 }
 
@@ -125,20 +138,9 @@ fn lora_kernels_match_their_cpu_reference() {
 fn decode_attention_kernels_match_their_cpu_reference() {
     use loraplex::runtime::decode_attention as da;
     let dev = gpu();
-    let mut line = String::new();
-    for dtype in [DType::F32, DType::BF16, DType::F16] {
-        let tol = da::tolerance(dtype);
-        let mut worst = 0f32;
-        for seed in 0..2 {
-            let e = da::check_against_reference(&dev, dtype, seed).unwrap();
-            assert!(
-                e <= tol,
-                "{dtype:?} seed {seed}: max relative error {e} > {tol}"
-            );
-            worst = worst.max(e);
-        }
-        line.push_str(&format!(" {dtype:?} {worst:.1e};"));
-    }
+    let line = worst_by_dtype(2, da::tolerance, |dtype, seed| {
+        da::check_against_reference(&dev, dtype, seed)
+    });
     println!(
         "GPUCHECK decode attention + KV append (64 rows, lengths 1-1500, GQA) max rel err:{line}"
     );
@@ -148,20 +150,9 @@ fn decode_attention_kernels_match_their_cpu_reference() {
 fn nf4_kernels_match_their_cpu_reference() {
     use loraplex::quant::nf4_device::{self as nd, Nf4Device};
     let dev = gpu();
-    let mut line = String::new();
-    for dtype in [DType::F32, DType::BF16, DType::F16] {
-        let tol = nd::tolerance(dtype);
-        let mut worst = 0f32;
-        for seed in 0..2 {
-            let e = nd::check_against_reference(&dev, dtype, seed).unwrap();
-            assert!(
-                e <= tol,
-                "{dtype:?} seed {seed}: max relative error {e} > {tol}"
-            );
-            worst = worst.max(e);
-        }
-        line.push_str(&format!(" {dtype:?} {worst:.1e};"));
-    }
+    let line = worst_by_dtype(2, nd::tolerance, |dtype, seed| {
+        nd::check_against_reference(&dev, dtype, seed)
+    });
     // Time one decode row through gate_proj's shape (Llama-3-8B: [14336, 4096]), NF4 rows
     // kernel against the bf16 dense product. Printed, not asserted.
     let (rows, cols) = (14336, 4096);
@@ -300,20 +291,9 @@ fn paged_decode_attention_matches_its_cpu_reference() {
     use loraplex::runtime::decode_attention::{decode_attention, KvBuffers};
     use loraplex::runtime::paged_kv::{self as pk, PagedKv};
     let dev = gpu();
-    let mut line = String::new();
-    for dtype in [DType::F32, DType::BF16, DType::F16] {
-        let tol = pk::tolerance(dtype);
-        let mut worst = 0f32;
-        for seed in 0..2 {
-            let e = pk::check_against_reference(&dev, dtype, seed).unwrap();
-            assert!(
-                e <= tol,
-                "{dtype:?} seed {seed}: max relative error {e} > {tol}"
-            );
-            worst = worst.max(e);
-        }
-        line.push_str(&format!(" {dtype:?} {worst:.1e};"));
-    }
+    let line = worst_by_dtype(2, pk::tolerance, |dtype, seed| {
+        pk::check_against_reference(&dev, dtype, seed)
+    });
     // Time against the per-buffer kernel on the decode batch (64 rows, lengths 1-1500, GQA
     // 32/8, hd 128, bf16; blocks of 16 in shuffled order). Printed, not asserted.
     let len: Vec<usize> = (0..64).map(|i| 1 + (i * 7919) % 1500).collect();

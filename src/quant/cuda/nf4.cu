@@ -13,27 +13,13 @@
 //                  codes; x rows are read VEC elements per load (16 bytes) when the host found
 //                  them aligned, else one by one (the `_scalar` kernels).
 
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
 #include <stdint.h>
+
+#include "cvt.cuh"
 
 #define NF4_ROWS_MAX 8
 #define NF4_ROWS_WARPS 4
 #define NF4_CHUNK 32
-
-template <typename T> struct Cvt;
-template <> struct Cvt<float> {
-  static __device__ __forceinline__ float to(float v) { return v; }
-  static __device__ __forceinline__ float from(float v) { return v; }
-};
-template <> struct Cvt<__nv_bfloat16> {
-  static __device__ __forceinline__ float to(__nv_bfloat16 v) { return __bfloat162float(v); }
-  static __device__ __forceinline__ __nv_bfloat16 from(float v) { return __float2bfloat16_rn(v); }
-};
-template <> struct Cvt<__half> {
-  static __device__ __forceinline__ float to(__half v) { return __half2float(v); }
-  static __device__ __forceinline__ __half from(float v) { return __float2half_rn(v); }
-};
 
 template <typename T>
 __device__ void dequant_impl(const uint8_t* __restrict__ codes, const float* __restrict__ tables,

@@ -24,9 +24,9 @@
 // VEC is the number of elements per load: 16 bytes (8 bf16/f16, 4 f32) when the host found every
 // pointer 16-byte aligned and in, out multiples of VEC, else 1 (the `_scalar` kernels).
 
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
 #include <stdint.h>
+
+#include "../../../quant/cuda/cvt.cuh"
 
 #define LORA_TILE_ROWS 8
 #define LORA_SHRINK_RANKS 4
@@ -34,20 +34,6 @@
 #define LORA_EXPAND_WARPS 4
 #define LORA_MAX_RANK 256
 #define LORA_NO_SET 0xffffffffu
-
-template <typename T> struct Cvt;
-template <> struct Cvt<float> {
-  static __device__ __forceinline__ float to(float v) { return v; }
-  static __device__ __forceinline__ float from(float v) { return v; }
-};
-template <> struct Cvt<__nv_bfloat16> {
-  static __device__ __forceinline__ float to(__nv_bfloat16 v) { return __bfloat162float(v); }
-  static __device__ __forceinline__ __nv_bfloat16 from(float v) { return __float2bfloat16_rn(v); }
-};
-template <> struct Cvt<__half> {
-  static __device__ __forceinline__ float to(__half v) { return __half2float(v); }
-  static __device__ __forceinline__ __half from(float v) { return __float2half_rn(v); }
-};
 
 // Loads VEC elements at p as f32. VEC > 1: one 16-byte load, p must be 16-byte aligned.
 template <typename T, int VEC>
