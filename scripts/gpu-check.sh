@@ -96,6 +96,19 @@ run() {
       floor_ok="FAILED"; tail -n 30 "$out/bench-floor.err"
     fi
   fi
+  # The same floor with the fused block ops off (LORAPLEX_FUSED=0): what fusing saves per step.
+  local unfused_ok=skipped
+  if [ "${GPU_CHECK_SKIP_BENCH:-0}" != 1 ]; then
+    t0=$SECONDS
+    if LORAPLEX_FUSED=0 /tmp/lp/loraplex bench --model dummy:llama-3-8b-skeleton --device cuda \
+        --dtype bf16 --streams "${GPU_CHECK_BENCH_STREAMS:-1,64}" --adapters none \
+        --prompt-len 128 --new-tokens 64 --kv-layouts paged --warmup-secs 1 \
+        > "$out/bench-floor-unfused.md" 2> "$out/bench-floor-unfused.err"; then
+      unfused_ok="ok ($((SECONDS - t0)) s)"
+    else
+      unfused_ok="FAILED"; tail -n 30 "$out/bench-floor-unfused.err"
+    fi
+  fi
   local nf4_ok=skipped
   if [ "${GPU_CHECK_SKIP_BENCH:-0}" != 1 ] && [ "${GPU_CHECK_SKIP_NF4:-0}" != 1 ]; then
     t0=$SECONDS
@@ -120,6 +133,9 @@ run() {
     echo
     echo "bench, overhead floor (dummy:llama-3-8b-skeleton: the 8B's layers and heads, tiny widths): $floor_ok"
     cat "$out/bench-floor.md" 2>/dev/null
+    echo
+    echo "bench, the same floor with the fused block ops off (LORAPLEX_FUSED=0): $unfused_ok"
+    cat "$out/bench-floor-unfused.md" 2>/dev/null
     echo
     echo "bench, NF4 base (--quantize nf4, same shape and dummy weights, paged KV): $nf4_ok"
     cat "$out/bench-nf4.md" 2>/dev/null

@@ -126,6 +126,16 @@ fn worst_by_dtype(
 }
 
 #[test]
+fn fused_block_ops_match_their_cpu_reference() {
+    use loraplex::runtime::fused as fu;
+    let dev = gpu();
+    let line = worst_by_dtype(2, fu::tolerance, |dtype, seed| {
+        fu::check_against_reference(&dev, dtype, seed)
+    });
+    println!("GPUCHECK fused add + RMSNorm and SiLU * up (rows 1-64, widths 100-4096) max rel err:{line}");
+}
+
+#[test]
 fn lora_kernels_match_their_cpu_reference() {
     let dev = gpu();
     let line = worst_by_dtype(3, tolerance, |dtype, seed| {

@@ -16,6 +16,7 @@ pub mod cpu;
 pub mod cuda;
 pub mod decode_attention;
 pub mod device;
+pub mod fused;
 pub mod lora_rows;
 pub mod paged_kv;
 pub mod reference;

@@ -166,12 +166,12 @@ fn block(
         None => attend_each(model, l, &q, &k, &v, seqs)?,
     };
     seen(Proj::O, &attn)?;
-    let x = (x + linear(model, &attn, l, Proj::O, lora)?)?;
-    let h = candle_nn::ops::rms_norm(&x, &blk.mlp_norm, eps)?;
+    let o = linear(model, &attn, l, Proj::O, lora)?;
+    let (x, h) = super::fused::add_rms_norm(x, &o, &blk.mlp_norm, eps)?;
     seen(Proj::Gate, &h)?;
     let gate = linear(model, &h, l, Proj::Gate, lora)?;
     let up = linear(model, &h, l, Proj::Up, lora)?;
-    let act = (gate.silu()? * up)?;
+    let act = super::fused::silu_mul(&gate, &up)?;
     seen(Proj::Down, &act)?;
     x + linear(model, &act, l, Proj::Down, lora)?
 }

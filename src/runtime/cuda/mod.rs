@@ -2,6 +2,7 @@
 //! `kernels/*.cu` by `build.rs`, and the Rust code that launches them on candle's CUDA storages.
 
 pub mod decode_attention;
+pub mod fused;
 pub mod lora_rows;
 pub mod paged_kv;
 
