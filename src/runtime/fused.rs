@@ -11,7 +11,9 @@
 //! slices, the reference [`check_against_reference`] compares a device with.
 
 use candle_core::backend::BackendStorage;
-use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, DType, Device, Layout, Result, Shape, Tensor};
+use candle_core::{
+    bail, CpuStorage, CustomOp2, CustomOp3, DType, Device, Layout, Result, Shape, Tensor,
+};
 use half::{bf16, f16};
 
 /// Whether the fused kernels run on a GPU (`LORAPLEX_FUSED=0` turns them off; read once).
@@ -35,14 +37,22 @@ pub fn add_rms_norm(x: &Tensor, d: &Tensor, w: &Tensor, eps: f32) -> Result<(Ten
     let dims = x.dims().to_vec();
     let cols = *dims.last().unwrap_or(&0);
     if d.dims() != dims || w.dims() != [cols] || cols == 0 {
-        bail!("add_rms_norm: x {:?}, d {:?}, w {:?} do not fit", x.dims(), d.dims(), w.dims());
+        bail!(
+            "add_rms_norm: x {:?}, d {:?}, w {:?} do not fit",
+            x.dims(),
+            d.dims(),
+            w.dims()
+        );
     }
     let rows = x.elem_count() / cols;
     let op = AddRmsNormOp { rows, cols, eps };
     let both = x
         .contiguous()?
         .apply_op3_no_bwd(&d.contiguous()?, &w.contiguous()?, &op)?;
-    Ok((both.get(0)?.reshape(dims.as_slice())?, both.get(1)?.reshape(dims.as_slice())?))
+    Ok((
+        both.get(0)?.reshape(dims.as_slice())?,
+        both.get(1)?.reshape(dims.as_slice())?,
+    ))
 }
 
 /// `silu(g) · u` for `g`, `u` of one shape.
@@ -53,7 +63,8 @@ pub fn silu_mul(g: &Tensor, u: &Tensor) -> Result<Tensor> {
     if g.dims() != u.dims() {
         bail!("silu_mul: g {:?} and u {:?} differ", g.dims(), u.dims());
     }
-    g.contiguous()?.apply_op2_no_bwd(&u.contiguous()?, &SiluMulOp)
+    g.contiguous()?
+        .apply_op2_no_bwd(&u.contiguous()?, &SiluMulOp)
 }
 
 /// `x` in f32 after rounding to `dtype` (what a value of that dtype holds).
@@ -143,7 +154,10 @@ impl CustomOp3 for AddRmsNormOp {
         }
         let (mut s, n) = add_rms_norm_reference(&xv, &dv, &wv, self.cols, self.eps, x.dtype());
         s.extend(n);
-        Ok((storage(s, x.dtype())?, Shape::from_dims(&[2, self.rows, self.cols])))
+        Ok((
+            storage(s, x.dtype())?,
+            Shape::from_dims(&[2, self.rows, self.cols]),
+        ))
     }
 
     #[cfg(feature = "cuda")]
@@ -156,7 +170,14 @@ impl CustomOp3 for AddRmsNormOp {
         w: &candle_core::CudaStorage,
         lw: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let out = super::cuda::fused::add_rms_norm((x, lx), (d, ld), (w, lw), self.rows, self.cols, self.eps)?;
+        let out = super::cuda::fused::add_rms_norm(
+            (x, lx),
+            (d, ld),
+            (w, lw),
+            self.rows,
+            self.cols,
+            self.eps,
+        )?;
         Ok((out, Shape::from_dims(&[2, self.rows, self.cols])))
     }
 }
@@ -197,11 +218,12 @@ impl CustomOp2 for SiluMulOp {
     }
 }
 
-/// The largest relative error [`check_against_reference`] accepts for `dtype` (one rounding of
-/// the dtype, and f32 sums in another order).
+/// The largest relative error [`check_against_reference`] accepts for `dtype`: a few roundings
+/// of the dtype (candle's CPU ops round SiLU's steps in bf16 one by one; the fused ops round
+/// once per step), and f32 sums in another order.
 pub fn tolerance(dtype: DType) -> f32 {
     match dtype {
-        DType::BF16 => 1e-2,
+        DType::BF16 => 2e-2,
         DType::F16 => 2e-3,
         _ => 1e-5,
     }
@@ -217,29 +239,52 @@ pub fn check_against_reference(device: &Device, dtype: DType, seed: u64) -> Resu
     let mut worst = 0f32;
     for (rows, cols) in [(1usize, 4096usize), (7, 576), (64, 100)] {
         let mut rand = |n: usize, lo: f32, hi: f32| -> Result<Tensor> {
-            let v: Vec<f32> = (0..n).map(|_| lo + (hi - lo) * rng.random::<f32>()).collect();
+            let v: Vec<f32> = (0..n)
+                .map(|_| lo + (hi - lo) * rng.random::<f32>())
+                .collect();
             Tensor::from_vec(v, n, &Device::Cpu)?.to_dtype(dtype)
         };
         let (x, d) = (rand(rows * cols, -2.0, 2.0)?, rand(rows * cols, -2.0, 2.0)?);
         let w = rand(cols, 0.5, 1.5)?;
         let (g, u) = (rand(rows * cols, -6.0, 6.0)?, rand(rows * cols, -2.0, 2.0)?);
         let on = |t: &Tensor, dims: &[usize]| t.reshape(dims)?.to_device(device);
-        let op = AddRmsNormOp { rows, cols, eps: 1e-5 };
-        let both = on(&x, &[rows, cols])?.apply_op3_no_bwd(&on(&d, &[rows, cols])?, &on(&w, &[cols])?, &op)?;
+        let op = AddRmsNormOp {
+            rows,
+            cols,
+            eps: 1e-5,
+        };
+        let both = on(&x, &[rows, cols])?.apply_op3_no_bwd(
+            &on(&d, &[rows, cols])?,
+            &on(&w, &[cols])?,
+            &op,
+        )?;
         let got_s = both.get(0)?;
         let got_n = both.get(1)?;
         let got_a = on(&g, &[rows, cols])?.apply_op2_no_bwd(&on(&u, &[rows, cols])?, &SiluMulOp)?;
         // The unfused candle ops on the CPU.
-        let (x, d, g, u) = (x.reshape((rows, cols))?, d.reshape((rows, cols))?, g.reshape((rows, cols))?, u.reshape((rows, cols))?);
+        let (x, d, g, u) = (
+            x.reshape((rows, cols))?,
+            d.reshape((rows, cols))?,
+            g.reshape((rows, cols))?,
+            u.reshape((rows, cols))?,
+        );
         let want_s = (&x + &d)?;
         let want_n = candle_nn::ops::rms_norm(&want_s, &w, 1e-5)?;
         let want_a = (g.silu()? * &u)?;
-        for (got, want, what) in [(got_s, want_s, "sum"), (got_n, want_n, "rms_norm"), (got_a, want_a, "silu_mul")] {
+        for (got, want, what) in [
+            (got_s, want_s, "sum"),
+            (got_n, want_n, "rms_norm"),
+            (got_a, want_a, "silu_mul"),
+        ] {
             let got = got.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
             let want = want.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
             for (i, (&a, &b)) in got.iter().zip(&want).enumerate() {
                 if !a.is_finite() {
-                    bail!("fused check: {what} [{}, {}] is {a} (reference {b})", i / cols, i % cols);
+                    bail!(
+                        "fused check: {what} [{}, {}] is {a} (reference {b})",
+                        i / cols,
+                        i % cols
+                    );
                 }
                 worst = worst.max((a - b).abs() / b.abs().max(0.1));
             }

@@ -98,7 +98,11 @@ pub(crate) fn silu_mul(g: Input<'_>, u: Input<'_>) -> Result<CudaStorage> {
     })
 }
 
-fn elem<T: CudaDType + DeviceRepr>(g: Input<'_>, u: Input<'_>, suffix: &str) -> Result<CudaSlice<T>> {
+fn elem<T: CudaDType + DeviceRepr>(
+    g: Input<'_>,
+    u: Input<'_>,
+    suffix: &str,
+) -> Result<CudaSlice<T>> {
     if g.0.dtype() != u.0.dtype() {
         bail!("silu_mul: g and u differ in dtype");
     }
