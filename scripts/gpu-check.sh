@@ -69,57 +69,37 @@ run() {
   local tests_s=$((SECONDS - t0))
   grep -E "^test |test result" "$out/gpu-tests.log"
   [ $status = 0 ] || tail -n 60 "$out/gpu-tests.log"
-  local bench_ok=skipped
-  if [ "${GPU_CHECK_SKIP_BENCH:-0}" != 1 ]; then
-    t0=$SECONDS
-    if /tmp/lp/loraplex bench --model dummy:llama-3-8b --device cuda --dtype bf16 \
-        --streams "${GPU_CHECK_BENCH_STREAMS:-1,64}" --adapters none,shared,distinct --rank 16 \
-        --targets all-linear --prompt-len 128 --new-tokens "${GPU_CHECK_BENCH_NEW:-128}" \
-        --kv-layouts "${GPU_CHECK_BENCH_LAYOUTS:-buffers,paged}" \
-        --warmup-secs 5 > "$out/bench.md" 2> "$out/bench.err"; then
-      bench_ok="ok ($((SECONDS - t0)) s)"
+  # bench_into NAME CMD...: runs one benchmark into $out/NAME.md (stderr NAME.err) and prints
+  # "ok (N s)", or FAILED with the error's tail on stderr; "skipped" with GPU_CHECK_SKIP_BENCH=1.
+  bench_into() {
+    local name=$1 t0=$SECONDS
+    shift
+    if [ "${GPU_CHECK_SKIP_BENCH:-0}" = 1 ]; then echo skipped; return; fi
+    if "$@" > "$out/$name.md" 2> "$out/$name.err"; then
+      echo "ok ($((SECONDS - t0)) s)"
     else
-      bench_ok="FAILED"; tail -n 30 "$out/bench.err"
+      echo FAILED; tail -n 30 "$out/$name.err" >&2
     fi
-  fi
+  }
+  local lp=/tmp/lp/loraplex streams=${GPU_CHECK_BENCH_STREAMS:-1,64} new=${GPU_CHECK_BENCH_NEW:-128}
+  local bench_ok floor_ok unfused_ok nf4_ok=skipped
+  bench_ok=$(bench_into bench "$lp" bench --model dummy:llama-3-8b --device cuda --dtype bf16 \
+    --streams "$streams" --adapters none,shared,distinct --rank 16 --targets all-linear \
+    --prompt-len 128 --new-tokens "$new" --kv-layouts "${GPU_CHECK_BENCH_LAYOUTS:-buffers,paged}" \
+    --warmup-secs 5)
   # The overhead floor: the same 32 layers, head_dim and GQA with tiny widths (no weights to
   # speak of), so its ms per step is launches + host work; the 8B's minus it is the rest.
-  local floor_ok=skipped
-  if [ "${GPU_CHECK_SKIP_BENCH:-0}" != 1 ]; then
-    t0=$SECONDS
-    if /tmp/lp/loraplex bench --model dummy:llama-3-8b-skeleton --device cuda --dtype bf16 \
-        --streams "${GPU_CHECK_BENCH_STREAMS:-1,64}" --adapters none,distinct --rank 16 \
-        --targets all-linear --prompt-len 128 --new-tokens 64 --kv-layouts paged \
-        --warmup-secs 1 > "$out/bench-floor.md" 2> "$out/bench-floor.err"; then
-      floor_ok="ok ($((SECONDS - t0)) s)"
-    else
-      floor_ok="FAILED"; tail -n 30 "$out/bench-floor.err"
-    fi
-  fi
+  floor_ok=$(bench_into bench-floor "$lp" bench --model dummy:llama-3-8b-skeleton --device cuda \
+    --dtype bf16 --streams "$streams" --adapters none,distinct --rank 16 --targets all-linear \
+    --prompt-len 128 --new-tokens 64 --kv-layouts paged --warmup-secs 1)
   # The same floor with the fused block ops off (LORAPLEX_FUSED=0): what fusing saves per step.
-  local unfused_ok=skipped
-  if [ "${GPU_CHECK_SKIP_BENCH:-0}" != 1 ]; then
-    t0=$SECONDS
-    if LORAPLEX_FUSED=0 /tmp/lp/loraplex bench --model dummy:llama-3-8b-skeleton --device cuda \
-        --dtype bf16 --streams "${GPU_CHECK_BENCH_STREAMS:-1,64}" --adapters none \
-        --prompt-len 128 --new-tokens 64 --kv-layouts paged --warmup-secs 1 \
-        > "$out/bench-floor-unfused.md" 2> "$out/bench-floor-unfused.err"; then
-      unfused_ok="ok ($((SECONDS - t0)) s)"
-    else
-      unfused_ok="FAILED"; tail -n 30 "$out/bench-floor-unfused.err"
-    fi
-  fi
-  local nf4_ok=skipped
-  if [ "${GPU_CHECK_SKIP_BENCH:-0}" != 1 ] && [ "${GPU_CHECK_SKIP_NF4:-0}" != 1 ]; then
-    t0=$SECONDS
-    if /tmp/lp/loraplex bench --model dummy:llama-3-8b --device cuda --dtype bf16 --quantize nf4 \
-        --streams "${GPU_CHECK_BENCH_STREAMS:-1,64}" --adapters none,distinct --rank 16 \
-        --targets all-linear --prompt-len 128 --new-tokens "${GPU_CHECK_BENCH_NEW:-128}" \
-        --kv-layouts paged --warmup-secs 2 > "$out/bench-nf4.md" 2> "$out/bench-nf4.err"; then
-      nf4_ok="ok ($((SECONDS - t0)) s)"
-    else
-      nf4_ok="FAILED"; tail -n 30 "$out/bench-nf4.err"
-    fi
+  unfused_ok=$(bench_into bench-floor-unfused env LORAPLEX_FUSED=0 "$lp" bench \
+    --model dummy:llama-3-8b-skeleton --device cuda --dtype bf16 --streams "$streams" \
+    --adapters none --prompt-len 128 --new-tokens 64 --kv-layouts paged --warmup-secs 1)
+  if [ "${GPU_CHECK_SKIP_NF4:-0}" != 1 ]; then
+    nf4_ok=$(bench_into bench-nf4 "$lp" bench --model dummy:llama-3-8b --device cuda --dtype bf16 \
+      --quantize nf4 --streams "$streams" --adapters none,distinct --rank 16 --targets all-linear \
+      --prompt-len 128 --new-tokens "$new" --kv-layouts paged --warmup-secs 2)
   fi
   {
     echo "## GPU check ($(cat "$out/gpu.txt"))"
