@@ -387,7 +387,8 @@ impl AdapterRegistry {
         let path = dir.clone();
         let t0 = Instant::now();
         let kept = self.host.get(name, version).await;
-        if kept.is_some() {
+        let from_tier = kept.is_some();
+        if from_tier {
             self.metrics.host_hits.inc();
         }
         let res = tokio::task::spawn_blocking(move || -> anyhow::Result<CachedAdapter> {
@@ -407,7 +408,8 @@ impl AdapterRegistry {
             })
         })
         .await;
-        if let Ok(Ok(c)) = &res {
+        // Read from the folder: kept for its next reload (a tier hit is already there).
+        if let (false, Ok(Ok(c))) = (from_tier, &res) {
             self.host.insert(name, version, c.adapter.clone()).await;
             self.metrics.host_bytes.set(self.host.bytes() as i64);
         }

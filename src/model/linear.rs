@@ -90,10 +90,15 @@ impl LinearWeight {
     pub fn nf4_on(packed: Arc<Nf4Packed>, device: &Device) -> Result<Self> {
         match device.is_cpu() {
             true => Ok(LinearWeight::Nf4(packed)),
-            false => Ok(LinearWeight::Nf4Device(Arc::new(Nf4Device::upload(
-                packed, device,
-            )?))),
+            false => Self::nf4_device(packed, device),
         }
+    }
+
+    /// A packed weight uploaded to `device`'s memory.
+    fn nf4_device(packed: Arc<Nf4Packed>, device: &Device) -> Result<Self> {
+        Ok(LinearWeight::Nf4Device(Arc::new(Nf4Device::upload(
+            packed, device,
+        )?)))
     }
 }
 
@@ -146,8 +151,7 @@ impl Linear {
     pub fn place_nf4(&mut self, device: &Device, force: bool) -> Result<()> {
         if let LinearWeight::Nf4(w) = &self.weight {
             if force || !device.is_cpu() {
-                self.weight =
-                    LinearWeight::Nf4Device(Arc::new(Nf4Device::upload(w.clone(), device)?));
+                self.weight = LinearWeight::nf4_device(w.clone(), device)?;
             }
         }
         Ok(())
@@ -188,8 +192,7 @@ impl Linear {
             }
             LinearWeight::Nf4Device(w) => {
                 let packed = Arc::new(Self::merged_nf4(w.host(), delta)?);
-                self.weight =
-                    LinearWeight::Nf4Device(Arc::new(Nf4Device::upload(packed, w.device())?));
+                self.weight = LinearWeight::nf4_device(packed, w.device())?;
                 Ok(true)
             }
         }

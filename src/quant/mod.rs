@@ -24,7 +24,7 @@ pub use decode::{dot_rows_into, Nf4Input};
 pub use gptq::{gptq_nf4, GptqSettings, Hessian};
 pub use kernels::{KernelPath, Nf4Linear, Nf4MatmulOp};
 pub use nf4::{
-    dynamic_map, quantize_nf4, quantize_nf4_double, Absmax, NestedAbsmax, Nf4Packed,
+    dynamic_map, quantize_nf4, quantize_nf4_double, Absmax, NestedAbsmax, Nf4Packed, Nf4Shape,
     DEFAULT_BLOCKSIZE, NESTED_BLOCKSIZE, NF4_CODE,
 };
 pub use nf4_device::Nf4Device;

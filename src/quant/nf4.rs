@@ -260,6 +260,38 @@ pub struct Nf4Packed {
     pub dtype: String,
 }
 
+/// A packed weight's `[rows, cols]` and absmax block size, as the device ops (`nf4_device`) and
+/// their CUDA launch code (`quant::cuda`) see it.
+#[derive(Clone, Copy, Debug)]
+pub struct Nf4Shape {
+    pub rows: usize,
+    pub cols: usize,
+    pub blocksize: usize,
+}
+
+impl Nf4Shape {
+    pub fn numel(&self) -> usize {
+        self.rows * self.cols
+    }
+
+    /// Checks the codes and table lengths against the shape.
+    pub fn check(&self, codes: usize, tables: usize) -> candle_core::Result<()> {
+        if self.blocksize == 0 {
+            candle_core::bail!("nf4: block size 0");
+        }
+        if codes != self.numel().div_ceil(2) {
+            candle_core::bail!("nf4: {codes} code bytes for [{}, {}]", self.rows, self.cols);
+        }
+        if tables != 16 + self.numel().div_ceil(self.blocksize) {
+            candle_core::bail!(
+                "nf4: table of {tables} values for {} blocks",
+                self.numel().div_ceil(self.blocksize)
+            );
+        }
+        Ok(())
+    }
+}
+
 impl Nf4Packed {
     pub fn numel(&self) -> usize {
         self.rows * self.cols

@@ -14,7 +14,7 @@
 //! has a CPU implementation of the same math — the reference CI tests — and, with the `cuda`
 //! feature, the kernels of `quant/cuda/nf4.cu`; [`check_against_reference`] compares the two.
 
-use super::nf4::{Nf4Packed, NF4_CODE};
+use super::nf4::{Nf4Packed, Nf4Shape, NF4_CODE};
 use candle_core::backend::BackendStorage;
 use candle_core::{
     bail, CpuStorage, CustomOp2, CustomOp3, DType, Device, Layout, Result, Shape, Tensor,
@@ -129,47 +129,6 @@ pub fn tables_of(host: &Nf4Packed) -> Vec<f32> {
 /// 16-byte chunks per row, each inside one block.
 pub fn rows_kernel_fits(cols: usize, blocksize: usize) -> bool {
     cols > 0 && cols.is_multiple_of(CHUNK) && blocksize.is_multiple_of(CHUNK)
-}
-
-/// The weight's shape as the ops see it.
-#[derive(Clone, Copy, Debug)]
-pub struct Nf4Shape {
-    pub rows: usize,
-    pub cols: usize,
-    pub blocksize: usize,
-}
-
-impl Nf4Shape {
-    fn numel(&self) -> usize {
-        self.rows * self.cols
-    }
-
-    /// The plain shape the CUDA launch code takes.
-    #[cfg(feature = "cuda")]
-    fn dims(&self) -> super::cuda::Dims {
-        super::cuda::Dims {
-            rows: self.rows,
-            cols: self.cols,
-            blocksize: self.blocksize,
-        }
-    }
-
-    /// Checks the codes and table lengths against the shape.
-    pub fn check(&self, codes: usize, tables: usize) -> Result<()> {
-        if self.blocksize == 0 {
-            bail!("nf4: block size 0");
-        }
-        if codes != self.numel().div_ceil(2) {
-            bail!("nf4: {codes} code bytes for [{}, {}]", self.rows, self.cols);
-        }
-        if tables != 16 + self.numel().div_ceil(self.blocksize) {
-            bail!(
-                "nf4: table of {tables} values for {} blocks",
-                self.numel().div_ceil(self.blocksize)
-            );
-        }
-        Ok(())
-    }
 }
 
 /// The contiguous slice of a CPU storage of type `T`.
@@ -300,7 +259,7 @@ impl CustomOp2 for Nf4DequantOp {
         tables: &candle_core::CudaStorage,
         lt: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let out = super::cuda::dequantize(codes, lc, tables, lt, self.shape.dims(), self.dtype)?;
+        let out = super::cuda::dequantize(codes, lc, tables, lt, self.shape, self.dtype)?;
         Ok((out, Shape::from_dims(&[self.shape.rows, self.shape.cols])))
     }
 }
@@ -354,7 +313,7 @@ impl CustomOp3 for Nf4RowsOp {
         tables: &candle_core::CudaStorage,
         lt: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let out = super::cuda::rows(x, lx, codes, lc, tables, lt, self.shape.dims(), self.m)?;
+        let out = super::cuda::rows(x, lx, codes, lc, tables, lt, self.shape, self.m)?;
         Ok((out, Shape::from_dims(&[self.m, self.shape.rows])))
     }
 }

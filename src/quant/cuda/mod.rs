@@ -1,9 +1,10 @@
 //! CUDA launch code of [`crate::quant::nf4_device`]'s ops: the kernels of `nf4.cu` (PTX built by
-//! `build.rs`), on candle's CUDA storages. The ops call down with plain shapes (this module does
-//! not reach back into theirs); it re-checks what the kernels' memory safety rests on (element
-//! counts, contiguity, the rows kernel's shape limits, alignment of the code rows) before
-//! launching.
+//! `build.rs`), on candle's CUDA storages. The ops call down with the weight's `Nf4Shape` (from
+//! `quant::nf4`, so this module does not reach back into theirs); it re-checks what the kernels'
+//! memory safety rests on (element counts, contiguity, the rows kernel's shape limits, alignment
+//! of the code rows) before launching.
 
+use super::nf4::Nf4Shape;
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{
     CudaSlice, CudaView, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg,
@@ -22,14 +23,6 @@ const ROWS_WARPS: usize = 4;
 const ROWS_MAX: usize = 8;
 /// Weights per 16-byte code chunk (`NF4_CHUNK`).
 const CHUNK: usize = 32;
-
-/// A packed weight's `[rows, cols]` and absmax block size.
-#[derive(Clone, Copy, Debug)]
-pub(crate) struct Dims {
-    pub rows: usize,
-    pub cols: usize,
-    pub blocksize: usize,
-}
 
 /// The contiguous view of a CUDA storage, checked to hold `len` elements of `T`.
 fn view<'a, T: CudaDType>(
@@ -61,7 +54,7 @@ pub(crate) fn dequantize(
     lc: &Layout,
     tables: &CudaStorage,
     lt: &Layout,
-    shape: Dims,
+    shape: Nf4Shape,
     dtype: DType,
 ) -> Result<CudaStorage> {
     let dev = codes.device().clone();
@@ -86,13 +79,11 @@ fn dequant<T: CudaDType + DeviceRepr>(
     lc: &Layout,
     tables: &CudaStorage,
     lt: &Layout,
-    shape: Dims,
+    shape: Nf4Shape,
     suffix: &str,
 ) -> Result<CudaSlice<T>> {
-    let numel = shape.rows * shape.cols;
-    if shape.blocksize == 0 {
-        bail!("nf4 dequantize: block size 0");
-    }
+    shape.check(lc.shape().elem_count(), lt.shape().elem_count())?;
+    let numel = shape.numel();
     let blocks = numel.div_ceil(shape.blocksize);
     let dev = codes.device();
     let cv = view::<u8>(codes, lc, numel.div_ceil(2), "codes")?;
@@ -129,7 +120,7 @@ pub(crate) fn rows(
     lc: &Layout,
     tables: &CudaStorage,
     lt: &Layout,
-    shape: Dims,
+    shape: Nf4Shape,
     m: usize,
 ) -> Result<CudaStorage> {
     let dev = x.device().clone();
@@ -152,12 +143,12 @@ struct RowsArgs<'a> {
     x: (&'a CudaStorage, &'a Layout),
     codes: (&'a CudaStorage, &'a Layout),
     tables: (&'a CudaStorage, &'a Layout),
-    shape: Dims,
+    shape: Nf4Shape,
     m: usize,
 }
 
 fn rows_launch<T: CudaDType + DeviceRepr>(a: &RowsArgs<'_>, suffix: &str) -> Result<CudaSlice<T>> {
-    let Dims {
+    let Nf4Shape {
         rows,
         cols,
         blocksize,
