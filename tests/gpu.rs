@@ -1,8 +1,9 @@
 //! The GPU check (built with `--features cuda`; run by `scripts/gpu-check.sh` on the GPU machine,
 //! where a missing GPU is a failure): the HF+PEFT goldens on the GPU in f32 and bf16, greedy
 //! ids of a SmolLM2-shape model on the GPU against the CPU (base, adapter, stack, merge), the
-//! per-row LoRA, decode-attention and paged decode-attention kernels against their CPU
-//! references, the server with the openai client, and refusals of what cannot fit.
+//! per-row LoRA, decode-attention and paged decode-attention kernels and the tiled prompt
+//! attention against their CPU references, the server with the openai client, and refusals of
+//! what cannot fit.
 //! Each test prints one `GPUCHECK name: figures` line that the script collects into its table.
 #![cfg(feature = "cuda")]
 
@@ -154,6 +155,16 @@ fn decode_attention_kernels_match_their_cpu_reference() {
     println!(
         "GPUCHECK decode attention + KV append (64 rows, lengths 1-1500, GQA) max rel err:{line}"
     );
+}
+
+#[test]
+fn prompt_attention_in_tiles_matches_its_cpu_reference() {
+    use loraplex::runtime::prefill_attention as pa;
+    let dev = gpu();
+    let line = worst_by_dtype(2, pa::tolerance, |dtype, seed| {
+        pa::check_against_reference(&dev, dtype, seed)
+    });
+    println!("GPUCHECK prompt attention in query tiles (8B heads, 300 rows after 100, tiles 1-1000) max rel err:{line}");
 }
 
 #[test]

@@ -19,6 +19,7 @@ pub mod device;
 pub mod fused;
 pub mod lora_rows;
 pub mod paged_kv;
+pub mod prefill_attention;
 pub mod reference;
 pub mod upload_cache;
 

@@ -11,6 +11,7 @@ use super::batch::{LogitsMode, RowGroups, SeqInput};
 use super::decode_attention::{append_kv_rows, decode_attention, KvBuffers};
 use super::lora_rows::{apply_lora_rows, LoraSetRef};
 use super::paged_kv::{paged_append_kv_rows, paged_decode_attention, PagedKv};
+use super::prefill_attention::{attend_prompt, query_tile};
 use crate::lora::LoraStack;
 use crate::model::{KvCache, KvPool, Llama, Proj};
 use candle_core::{DType, Device, Result, Tensor};
@@ -319,7 +320,7 @@ fn shared_pool(seqs: &[SeqInput<'_>]) -> Result<Option<Arc<KvPool>>> {
 }
 
 /// Attention sequence by sequence (prompt chunks): RoPE from each sequence's offset, its cache
-/// appended, causal mask within the chunk, GQA by folding each KV head's query heads into rows.
+/// appended, then causal attention in query tiles (`runtime::prefill_attention`).
 fn attend_each(
     model: &Llama,
     l: usize,
@@ -330,9 +331,6 @@ fn attend_each(
 ) -> Result<Tensor> {
     let cfg = &model.cfg;
     let (nh, nkv, hd) = cfg.heads();
-    let group = cfg.gqa_group();
-    let scale = 1.0 / (hd as f64).sqrt();
-    let dtype = q.dtype();
     let mut outs = Vec::with_capacity(seqs.len());
     let mut r0 = 0;
     for s in seqs.iter_mut() {
@@ -348,24 +346,8 @@ fn attend_each(
         let ks = model.rope().apply(&heads(k, nkv)?, off, false)?;
         let vs = heads(v, nkv)?;
         let (k_all, v_all) = append_chunk(s.cache, l, &ks, &vs)?;
-        let t = off + len;
-        // Query heads h = kv * group + g share kv head `kv`: fold the group into rows.
-        let qg = qs.reshape((nkv, group * len, hd))?;
-        let mut att = (qg.matmul(&k_all.t()?)?.to_dtype(DType::F32)? * scale)?;
-        if len > 1 {
-            let mask: Vec<f32> = (0..len)
-                .flat_map(|i| {
-                    (0..t).map(move |j| if j > off + i { f32::NEG_INFINITY } else { 0.0 })
-                })
-                .collect();
-            let mask = Tensor::from_vec(mask, (len, t), model.device())?;
-            att = att
-                .reshape((nkv, group, len, t))?
-                .broadcast_add(&mask)?
-                .reshape((nkv, group * len, t))?;
-        }
-        let att = candle_nn::ops::softmax_last_dim(&att)?.to_dtype(dtype)?;
-        let o = att.matmul(&v_all.contiguous()?)?;
+        let tile = query_tile(nh, off + len, model.device());
+        let o = attend_prompt(&qs, &k_all, &v_all, off, tile)?;
         outs.push(
             o.reshape((nh, len, hd))?
                 .transpose(0, 1)?
