@@ -82,7 +82,7 @@ run() {
     fi
   }
   local lp=/tmp/lp/loraplex streams=${GPU_CHECK_BENCH_STREAMS:-1,64} new=${GPU_CHECK_BENCH_NEW:-128}
-  local bench_ok floor_ok unfused_ok nf4_ok=skipped
+  local bench_ok floor_ok unfused_ok events_ok nf4_ok=skipped
   bench_ok=$(bench_into bench "$lp" bench --model dummy:llama-3-8b --device cuda --dtype bf16 \
     --streams "$streams" --adapters none,shared,distinct --rank 16 --targets all-linear \
     --prompt-len 128 --new-tokens "$new" --kv-layouts "${GPU_CHECK_BENCH_LAYOUTS:-buffers,paged}" \
@@ -94,6 +94,11 @@ run() {
     --prompt-len 128 --new-tokens 64 --kv-layouts paged --warmup-secs 1)
   # The same floor with the fused block ops off (LORAPLEX_FUSED=0): what fusing saves per step.
   unfused_ok=$(bench_into bench-floor-unfused env LORAPLEX_FUSED=0 "$lp" bench \
+    --model dummy:llama-3-8b-skeleton --device cuda --dtype bf16 --streams "$streams" \
+    --adapters none --prompt-len 128 --new-tokens 64 --kv-layouts paged --warmup-secs 1)
+  # The same floor with cudarc's two CUDA events per allocation kept (LORAPLEX_CUDA_EVENTS=1;
+  # loraplex turns them off): the host cost of those events per step.
+  events_ok=$(bench_into bench-floor-events env LORAPLEX_CUDA_EVENTS=1 "$lp" bench \
     --model dummy:llama-3-8b-skeleton --device cuda --dtype bf16 --streams "$streams" \
     --adapters none --prompt-len 128 --new-tokens 64 --kv-layouts paged --warmup-secs 1)
   if [ "${GPU_CHECK_SKIP_NF4:-0}" != 1 ]; then
@@ -116,6 +121,9 @@ run() {
     echo
     echo "bench, the same floor with the fused block ops off (LORAPLEX_FUSED=0): $unfused_ok"
     cat "$out/bench-floor-unfused.md" 2>/dev/null
+    echo
+    echo "bench, the same floor with cudarc's per-allocation events kept (LORAPLEX_CUDA_EVENTS=1): $events_ok"
+    cat "$out/bench-floor-events.md" 2>/dev/null
     echo
     echo "bench, NF4 base (--quantize nf4, same shape and dummy weights, paged KV): $nf4_ok"
     cat "$out/bench-nf4.md" 2>/dev/null

@@ -176,6 +176,12 @@ impl EngineHandle {
         metrics.kv_paged.set(i64::from(paged.is_some()));
         let pool_bytes = paged.as_ref().map_or(0, |p| p.blocks() * p.block_bytes());
         metrics.kv_pool_bytes.set(pool_bytes as i64);
+        // On a GPU each host thread queues work on its own stream: the weights and the pool
+        // were uploaded from this one, and the scheduler thread must not read them before the
+        // copies are done.
+        if let Err(e) = model.llama.device().synchronize() {
+            tracing::error!("waiting for the model's uploads: {e}");
+        }
         let (tx, rx) = mpsc::channel();
         let waiting = Arc::new(AtomicUsize::new(0));
         let handle = Self {

@@ -159,6 +159,9 @@ impl LoraStack {
             true => Some(flatten(&mut layers)?),
             false => None,
         };
+        // On a GPU the copies were queued on this thread's stream; the engine reads the stack
+        // on another thread's, so they must be done before the stack is handed over.
+        at.device.synchronize()?;
         Ok(Self {
             members,
             layers,

@@ -72,10 +72,29 @@ impl DeviceSpec {
     }
 }
 
+/// Whether a CUDA device keeps cudarc's per-allocation events (`LORAPLEX_CUDA_EVENTS=1`; off by
+/// default). cudarc creates two CUDA events with every allocation (every candle op's output) and
+/// destroys them with it, but only records or waits on them when a context runs several streams;
+/// loraplex runs every op on candle's one stream, so the events are host work per op and nothing
+/// else. The variable keeps them, to measure what they cost (`scripts/gpu-check.sh`).
+pub fn cuda_event_tracking() -> bool {
+    std::env::var("LORAPLEX_CUDA_EVENTS").is_ok_and(|v| v == "1")
+}
+
 #[cfg(feature = "cuda")]
 fn open_cuda(ordinal: usize) -> Result<Device> {
     use anyhow::Context;
-    Device::new_cuda(ordinal).with_context(|| format!("cannot open CUDA device {ordinal}"))
+    let device =
+        Device::new_cuda(ordinal).with_context(|| format!("cannot open CUDA device {ordinal}"))?;
+    if let Device::Cuda(d) = &device {
+        if !cuda_event_tracking() {
+            // SAFETY: no tensor exists on this device yet, and all of loraplex's work on it
+            // goes to the device's one stream (candle's), so no use on another stream needs
+            // the events: cudarc records or waits on them only in multi-stream mode.
+            unsafe { d.disable_event_tracking() };
+        }
+    }
+    Ok(device)
 }
 
 #[cfg(not(feature = "cuda"))]
