@@ -47,3 +47,10 @@ scripts/cuda-toolkit.sh
 # shellcheck disable=SC1090
 source <(scripts/cuda-toolkit.sh --env)
 CARGO_TARGET_DIR=target-cuda cargo clippy --release --features cuda --all-targets -- -D warnings
+
+# The CUDA build's own unit tests (the host-side launch planning of runtime::cuda and quant::cuda,
+# and the CPU paths of a build with the feature) run here too, linked against the toolkit's stub
+# libcuda: nothing in them calls the driver (a call would fail: there is no GPU).
+step "cargo test --release --features cuda --lib (stub libcuda, no GPU)"
+LD_LIBRARY_PATH="$CUDA_ROOT/lib64/stubs:$LD_LIBRARY_PATH" CARGO_TARGET_DIR=target-cuda \
+  cargo test --release --features cuda --lib
